@@ -1,0 +1,28 @@
+"""gcbackend: prove hand-written backpropagation right, on CPU or GPU.
+
+``check(cost, params, grads, *args)`` compares the gradients a backward pass returned with
+central finite differences of the cost, evaluated in stacked batches through any array-API
+library (NumPy, CuPy, PyTorch, JAX, array-api-strict, Dask), and reports which parameter is
+wrong, where, and by how much.
+"""
+
+from . import models
+from .backends import BACKEND_NAMES
+from .check import check
+from .errors import BackendUnavailableError, CostError, GradCheckError, InputError, InputTypeError
+from .report import ParameterResult, Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_NAMES",
+    "BackendUnavailableError",
+    "CostError",
+    "GradCheckError",
+    "InputError",
+    "InputTypeError",
+    "ParameterResult",
+    "Report",
+    "check",
+    "models",
+]

@@ -1,0 +1,192 @@
+"""Backends: a name or module → an array-API namespace and a device; moving arrays there.
+
+This is the only module that knows concrete array libraries. Frameworks are imported
+lazily, only when named or when an input array already belongs to them, so a broken CuPy
+install (no driver) can never break ``import gcbackend``. Conversion to host NumPy happens
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+
+from .errors import BackendUnavailableError, InputError, InputTypeError
+
+__all__ = ["BACKEND_NAMES", "Backend", "is_array", "resolve", "to_backend", "to_host"]
+
+# name → (module to import, pip extra that provides it)
+_KNOWN: dict[str, tuple[str, str]] = {
+    "numpy": ("numpy", "numpy"),
+    "cupy": ("cupy", "gcbackend[cuda12]' or 'gcbackend[cuda13]"),
+    "torch": ("torch", "gcbackend[torch]"),
+    "jax": ("jax.numpy", "gcbackend[jax]"),
+    "array_api_strict": ("array_api_strict", "gcbackend[test]"),
+    "dask": ("dask.array", "gcbackend[dask]"),
+}
+BACKEND_NAMES: tuple[str, ...] = tuple(_KNOWN)
+_ALIASES = {"np": "numpy", "cp": "cupy", "pytorch": "torch", "array-api-strict": "array_api_strict"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A resolved backend: the array-API namespace ``xp``, the ``device`` and a short name."""
+
+    name: str
+    xp: ModuleType
+    device: Any
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.device})"
+
+
+def is_array(x: object) -> bool:
+    """True for an array of any library array-api-compat knows (not for Python numbers)."""
+    return array_api_compat.is_array_api_obj(x) and not isinstance(x, (bool, int, float, complex))
+
+
+def _import_backend(name: str) -> ModuleType:
+    module_name, extra = _KNOWN[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        label = {"cupy": "CuPy", "torch": "PyTorch", "jax": "JAX", "dask": "Dask"}.get(name, name)
+        raise BackendUnavailableError(
+            f"backend={name!r}: {label} is not installed (pip install '{extra}'): {exc}"
+        ) from exc
+    if name == "cupy":
+        _require_cuda_device(module)
+    # array-api-compat wraps the libraries that are not themselves standard-compliant; its
+    # namespace for a tiny probe array is the one every numerical module will use.
+    probe = module.asarray(0.0)
+    return array_api_compat.array_namespace(probe)
+
+
+def _require_cuda_device(cupy: ModuleType) -> None:
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError, or a missing driver library (OSError)
+        raise BackendUnavailableError(
+            f"backend='cupy': CuPy is installed but no CUDA device is usable: {exc}. "
+            "Use backend='numpy' on this machine, or install the NVIDIA driver."
+        ) from exc
+    if count < 1:
+        raise BackendUnavailableError(
+            "backend='cupy': CuPy is installed but no CUDA device is usable: "
+            "cudaGetDeviceCount() returned 0. Use backend='numpy' on this machine."
+        )
+
+
+def _name_of(xp: ModuleType) -> str:
+    for name, test in (
+        ("numpy", array_api_compat.is_numpy_namespace),
+        ("cupy", array_api_compat.is_cupy_namespace),
+        ("torch", array_api_compat.is_torch_namespace),
+        ("jax", array_api_compat.is_jax_namespace),
+        ("array_api_strict", array_api_compat.is_array_api_strict_namespace),
+        ("dask", array_api_compat.is_dask_namespace),
+    ):
+        if test(xp):
+            return name
+    return getattr(xp, "__name__", "array-api")
+
+
+def _namespace_of(arrays: list[Any], what: str) -> ModuleType | None:
+    if not arrays:
+        return None
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError as exc:
+        libraries = sorted({type(a).__module__.split(".")[0] for a in arrays})
+        raise InputTypeError(
+            f"{what} mix arrays of several libraries ({', '.join(libraries)}); pass arrays of "
+            "one library, or name the one to use with backend=... and gcbackend moves them"
+        ) from exc
+
+
+def resolve(backend: object, arrays: list[Any], device: object = None) -> Backend:
+    """Resolve ``backend`` (a name, a namespace module or None) and the device to use.
+
+    With ``backend=None`` the namespace is inferred from ``arrays`` (NumPy when there are
+    none, e.g. Python numbers only). The device is ``device`` if given, else the device the
+    input arrays share when they already live in that namespace, else the namespace's
+    default. Raises BackendUnavailableError (not installed, no CUDA device) or InputError
+    (unknown name, mixed libraries, arrays on several devices).
+    """
+    if backend is None:
+        xp = _namespace_of(arrays, "params, grads and args") or _import_backend("numpy")
+    elif isinstance(backend, str):
+        name = _ALIASES.get(backend.lower(), backend.lower())
+        if name not in _KNOWN:
+            raise InputError(
+                f"backend={backend!r} is unknown; valid names: {', '.join(BACKEND_NAMES)}, "
+                "or pass a namespace module (e.g. numpy, cupy, torch) or None to infer it"
+            )
+        xp = _import_backend(name)
+    elif isinstance(backend, ModuleType):
+        try:
+            xp = array_api_compat.array_namespace(backend.asarray(0.0))
+        except Exception as exc:
+            raise InputError(
+                f"backend={backend.__name__!r} is not an array-API namespace array-api-compat "
+                f"knows; valid names: {', '.join(BACKEND_NAMES)}"
+            ) from exc
+    else:
+        raise InputTypeError(
+            f"backend must be a name ({', '.join(BACKEND_NAMES)}), a namespace module or None, "
+            f"not {type(backend).__name__}"
+        )
+
+    if device is None:
+        native = [a for a in arrays if array_api_compat.array_namespace(a) is xp]
+        devices = []
+        for a in native:
+            d = array_api_compat.device(a)
+            if d not in devices:
+                devices.append(d)
+        if len(devices) > 1:
+            raise InputError(
+                f"params, grads and args live on several devices ({', '.join(map(str, devices))});"
+                " move them to one, or pass device=... and gcbackend copies them there"
+            )
+        device = devices[0] if devices else array_api_compat.device(xp.asarray(0.0))
+    return Backend(_name_of(xp), xp, device)
+
+
+def to_host(x: Any) -> Any:
+    """A NumPy copy-free view (or copy, off-host) of any supported array, for conversion."""
+    import numpy as np  # host conversion lives here and only here
+
+    if isinstance(x, np.ndarray) or isinstance(x, (np.generic, bool, int, float, complex)):
+        return np.asarray(x)
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_dask_array(x):
+        return np.asarray(x.compute())
+    if array_api_compat.is_array_api_strict_namespace(array_api_compat.array_namespace(x)):
+        # array-api-strict refuses __array__ off its CPU device; DLPack works on all of them.
+        return np.from_dlpack(x)
+    return np.asarray(x)
+
+
+def to_backend(x: Any, backend: Backend, *, dtype: Any = None) -> Any:
+    """A fresh copy of ``x`` as an array of ``backend`` on its device (never a view of ``x``)."""
+    xp = backend.xp
+    if is_array(x) and array_api_compat.array_namespace(x) is xp:
+        if array_api_compat.is_torch_array(x):
+            x = x.detach()
+        out = xp.asarray(x, copy=True)
+        if array_api_compat.device(out) != backend.device:
+            out = array_api_compat.to_device(out, backend.device)
+    else:
+        host = to_host(x).copy()
+        out = xp.asarray(host, device=backend.device)
+    if dtype is not None and out.dtype != dtype:
+        out = xp.astype(out, dtype)
+    return out
