@@ -1,0 +1,171 @@
+"""check(): the notebook's numbers on every backend, verdicts, reports, nothing mutated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import assert_bitwise_equal, assert_on, host, snapshot
+
+import gcbackend as gc
+from gcbackend.models import linear, mlp
+
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+@pytest.mark.parametrize(("x", "expected"), [(2, 2.919335883291695e-10), (3, 7.814075313343006e-11)])
+@pytest.mark.parametrize("mode", ["stacked", "loop"])
+def test_one_dimensional_matches_notebook(backend, x, expected, mode):
+    theta = 4
+    report = gc.check(
+        linear.cost, theta, linear.gradient(theta, x), x, backend=backend.xp, device=backend.device, mode=mode
+    )
+    # θ ± ε are formed exactly as in the notebook and J = θx is one multiplication: the
+    # difference is the notebook's bit for bit.
+    assert report.difference == expected
+    assert report.passed
+    result = report.parameters["theta"]
+    assert result.shape == () and result.worst_index == ()
+    assert result.analytic == float(x)
+    assert abs(result.numeric - x) < 1e-8
+    assert_on(result.numeric_grad, backend)
+    assert str(result.numeric_grad.dtype).endswith("float64")
+
+
+def test_one_dimensional_on_backend_arrays(backend):
+    xp = backend.xp
+    theta = xp.asarray(4.0, dtype=xp.float64, device=backend.device)
+    x = xp.asarray(2.0, dtype=xp.float64, device=backend.device)
+    report = gc.check(linear.cost, theta, linear.gradient(theta, x), x)
+    assert report.difference == 2.919335883291695e-10
+    assert report.backend == backend.name and report.device == str(backend.device)
+
+
+@pytest.mark.parametrize("mode", ["stacked", "loop"])
+def test_seed_case_with_planted_bugs(backend, mode):
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    grads = mlp.backward_with_planted_bugs(params, X, Y)
+    report = gc.check(mlp.cost, params, grads, X, Y, mode=mode)
+    assert report.difference == pytest.approx(0.2850931567761623, rel=1e-8)
+    assert not report.passed
+    assert report.faults[:2] == ("b1", "W2")
+    # db1 is 4× and dW2 2× the truth, so formula (2) gives |4g−g|/(4|g|+|g|) = 3/5 and 1/3.
+    assert report.parameters["b1"].difference == pytest.approx(0.6, rel=1e-6)
+    assert report.parameters["W2"].difference == pytest.approx(1 / 3, rel=1e-6)
+    for name in ("W1", "b2", "W3"):
+        assert report.parameters[name].difference < 2e-7
+    worst = report.parameters["b1"]
+    assert worst.analytic == pytest.approx(4 * worst.numeric, rel=1e-5)
+    text = str(report)
+    assert "There is a mistake in the backward propagation!" in text
+    faults_line = next(line for line in text.splitlines() if line.startswith("Parameters at fault"))
+    assert faults_line.index("b1") < faults_line.index("W2")
+    for name in params:
+        assert name in text
+
+
+@pytest.mark.parametrize("mode", ["stacked", "loop"])
+def test_seed_case_correct_backprop(backend, mode):
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+    report = gc.check(mlp.cost, params, grads, X, Y, mode=mode)
+    assert np.isclose(report.difference, 1.1890913024229996e-07, rtol=1e-5, atol=0)
+    assert report.passed
+    assert "Your backward propagation works perfectly fine!" in str(report)
+    for name, result in report.parameters.items():
+        assert result.shape == tuple(params[name].shape)
+        assert_on(result.numeric_grad, backend)
+        assert_on(result.analytic_grad, backend)
+        assert np.max(np.abs(host(result.numeric_grad) - host(grads[name]))) < 1e-6
+
+
+def test_numpy_inputs_moved_to_the_chosen_backend(backend):
+    X, Y, params = mlp.seed_case()  # NumPy arrays
+    grads = mlp.backward(params, X, Y)
+    report = gc.check(mlp.cost, params, grads, X, Y, backend=backend.xp, device=backend.device)
+    assert report.backend == backend.name
+    assert_on(report.parameters["W2"].numeric_grad, backend)
+    assert np.isclose(report.difference, 1.1890913024229996e-07, rtol=1e-5, atol=0)
+
+
+def test_notebook_gradient_keys(backend):
+    """The notebook's gradients dict: dW1…db3 plus dZ3, dA2, … which name no parameter."""
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    grads = {"d" + k: v for k, v in mlp.backward_with_planted_bugs(params, X, Y).items()}
+    grads.update(dZ3=X, dA2=X, dZ2=X, dA1=X, dZ1=X)
+    report = gc.check(mlp.cost, params, grads, X, Y)
+    assert report.difference == pytest.approx(0.2850931567761623, rel=1e-8)
+
+
+def test_user_arrays_bitwise_unchanged(backend):
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    grads = mlp.backward_with_planted_bugs(params, X, Y)
+    saved = snapshot(params), snapshot(grads), snapshot(X), snapshot(Y)
+    for mode in ("stacked", "loop"):
+        report = gc.check(mlp.cost, params, grads, X, Y, mode=mode, memory_budget=8 * 20)
+        assert not report.passed
+    assert_bitwise_equal(params, saved[0])
+    assert_bitwise_equal(grads, saved[1])
+    assert_bitwise_equal(X, saved[2])
+    assert_bitwise_equal(Y, saved[3])
+
+
+def test_report_holds_no_views_of_user_arrays(backend):
+    xp = backend.xp
+    X, Y, params = mlp.seed_case()
+    grads = mlp.backward(params, X, Y)
+    report = gc.check(mlp.cost, params, grads, X, Y, backend=xp, device=backend.device)
+    before = host(report.parameters["W1"].analytic_grad)
+    grads["W1"][...] = 1e6  # the user reuses their buffer
+    assert host(report.parameters["W1"].analytic_grad).tobytes() == before.tobytes()
+
+
+def test_report_is_frozen_and_typed(backend):
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    report = gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y)
+    assert type(report.difference) is float and type(report.passed) is bool
+    assert report.threshold == 2e-7 and report.epsilon == 1e-7
+    assert list(report.parameters) == list(params)
+    assert report.evaluations == 2 * 47
+    assert report.dtype == "float64"
+    with pytest.raises(AttributeError):
+        report.difference = 0.0
+    with pytest.raises(TypeError):
+        report.parameters["W1"] = None
+
+
+def test_threshold_decides_the_verdict(backend):
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+    strict = gc.check(mlp.cost, params, grads, X, Y, threshold=1e-7)
+    loose = gc.check(mlp.cost, params, grads, X, Y, threshold=1e-6)
+    assert not strict.passed and loose.passed
+    assert strict.difference == loose.difference
+    assert "There is a mistake" in str(strict)
+
+
+def test_wider_epsilon_separates_noise_from_bugs(backend):
+    """At ε = 1e-4 every correct parameter is far below 2e-7 and only the bugs fail."""
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    report = gc.check(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, epsilon=1e-4)
+    assert set(report.faults) == {"W2", "b1"}
+    assert max(p.difference for n, p in report.parameters.items() if n not in ("W2", "b1")) < 1e-8
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_localises_a_single_wrong_element(backend, dtype):
+    X, Y, params = mlp.random_case(
+        [6, 5, 4, 1], 16, seed=3, dtype=dtype, xp=backend.xp, device=backend.device
+    )
+    grads = dict(mlp.backward(params, X, Y))
+    wrong = host(grads["W2"])
+    wrong[2, 3] += 0.5 + abs(wrong[2, 3])
+    grads["W2"] = wrong
+    epsilon = 1e-3 if dtype == "float32" else 1e-6
+    report = gc.check(
+        mlp.cost, params, grads, X, Y, backend=backend.xp, device=backend.device, epsilon=epsilon
+    )
+    assert report.faults[0] == "W2"
+    assert report.parameters["W2"].worst_index == (2, 3)
+    assert report.parameters["W2"].analytic == pytest.approx(float(wrong[2, 3]), rel=1e-6)
+    assert report.dtype == dtype
+    assert str(report.parameters["W2"].numeric_grad.dtype).endswith(dtype)
