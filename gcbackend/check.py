@@ -188,7 +188,7 @@ def check(
 
     layout = Layout(tuple(parts), tuple(tuple(p.shape) for p in parts.values()), single=single)
     numeric = engine.central_differences(
-        cost, parts, moved_args, epsilon=epsilon, wrap=layout.wrap, xp=xp, mode=mode, memory_budget=budget
+        cost, parts, moved_args, epsilon=epsilon, layout=layout, xp=xp, mode=mode, memory_budget=budget
     )
     return _compare(
         parts, analytic, numeric, xp=xp, backend=chosen, epsilon=epsilon, threshold=threshold, mode=mode

@@ -20,8 +20,10 @@ from types import ModuleType
 from typing import Any
 
 import array_api_extra as xpx
+from array_api_compat import device
 
 from .errors import CostError, InputError
+from .params import Layout
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "MAX_CHUNK_ROWS", "MODES", "central_differences", "evaluate_rows"]
 
@@ -70,8 +72,24 @@ def _as_costs(out: Any, expected: tuple[int, ...], *, xp, name, start, stop, sta
             f"the cost returned a tuple of {len(out)} items (at rows {start}..{stop - 1} perturbing "
             f"{name!r}); return only the cost J, e.g. lambda params, *args: f(params, *args)[0]"
         )
+    import array_api_compat  # local: only this helper may change while the engine is reworked
+
     if not hasattr(out, "shape"):
-        out = xp.asarray(out)
+        try:
+            out = xp.asarray(out)
+        except Exception as exc:
+            raise CostError(
+                f"the cost returned {type(out).__name__} (at rows {start}..{stop - 1} perturbing "
+                f"{name!r}); return the cost J as a number or an array of the parameters' library"
+            ) from exc
+    elif array_api_compat.is_array_api_obj(out) and array_api_compat.array_namespace(out) is not xp:
+        # e.g. a NumPy result for torch parameters: concatenating them later fails obscurely.
+        raise CostError(
+            f"the cost returned a {type(out).__module__.split('.')[0]} array for parameters of "
+            f"{xp.__name__} (at rows {start}..{stop - 1} perturbing {name!r}); compute the cost "
+            "with the namespace of its inputs (array_api_compat.array_namespace(...)) or pass "
+            "backend= to run the check on the library the cost uses"
+        )
     if tuple(out.shape) != expected:
         what = "a batch of" if stacked else "one unbatched evaluation at"
         raise CostError(
@@ -84,45 +102,54 @@ def _as_costs(out: Any, expected: tuple[int, ...], *, xp, name, start, stop, sta
 
 def evaluate_rows(
     cost: Callable[..., Any],
-    parts: Mapping[str, Any],
     args: tuple[Any, ...],
     *,
-    name: str,
-    n_rows: int,
+    flat: Any,
     rows: Rows,
-    wrap: Callable[[Mapping[str, Any]], Any],
+    n_rows: int,
+    batched: Callable[[Any], Any],
+    single: Callable[[Any], Any],
+    name: str,
     xp: ModuleType,
     mode: str = "stacked",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> Any:
-    """Costs J(θ + D_r) for the ``n_rows`` displacement rows D_r of tensor ``name``, shape (n_rows,).
+    """Costs J(flat + D_r) for the ``n_rows`` displacement rows D_r = rows(r, r + 1), shape (n_rows,).
 
-    ``parts`` maps names to the unbatched parameter arrays; ``wrap`` turns a mapping into
-    what the cost receives. Stacked: ⌈n_rows / B⌉ calls, B from ``memory_budget``. Loop:
-    n_rows calls. Raises CostError if the cost raises or breaks the shape contract.
+    ``batched`` turns a (B, n) stack of perturbed vectors into what the cost receives
+    (parameters with a leading batch axis); ``single`` does the same for one (n,) vector.
+    Stacked: ⌈n_rows / B⌉ calls, B from ``memory_budget``. Loop: n_rows calls. ``name`` says
+    what is perturbed, for error messages. Raises CostError if the cost raises or returns
+    the wrong shape.
     """
-    base = parts[name]
-    shape = tuple(base.shape)
-    flat = xp.reshape(base, (-1,))
     size = flat.shape[0]
     costs = []
     if mode == "loop":
         for r in range(n_rows):
-            perturbed = xp.reshape(flat + rows(r, r + 1)[0, :], shape)
-            out = _call(
-                cost, wrap({**parts, name: perturbed}), args, name=name, start=r, stop=r + 1, stacked=False
-            )
+            params = single(flat + rows(r, r + 1)[0, :])
+            out = _call(cost, params, args, name=name, start=r, stop=r + 1, stacked=False)
             costs.append(_as_costs(out, (), xp=xp, name=name, start=r, stop=r + 1, stacked=False))
         return xp.stack(costs)
-    step = chunk_rows(n_rows, size, xp.finfo(base.dtype).bits // 8, memory_budget, name)
+    step = chunk_rows(n_rows, size, xp.finfo(flat.dtype).bits // 8, memory_budget, name)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
-        perturbed = xp.reshape(flat[None, :] + rows(start, stop), (stop - start, *shape))
-        out = _call(
-            cost, wrap({**parts, name: perturbed}), args, name=name, start=start, stop=stop, stacked=True
-        )
+        params = batched(flat[None, :] + rows(start, stop))
+        out = _call(cost, params, args, name=name, start=start, stop=stop, stacked=True)
         costs.append(_as_costs(out, (stop - start,), xp=xp, name=name, start=start, stop=stop, stacked=True))
     return costs[0] if len(costs) == 1 else xp.concat(costs)
+
+
+def _central_rows(size: int, epsilon: float, dtype: Any, device: Any, xp: ModuleType) -> Rows:
+    """rows(start, stop) of [+εI; −εI] (2·size rows), built without item assignment."""
+    plus = xp.asarray(epsilon, dtype=dtype, device=device)
+    minus = xp.asarray(-epsilon, dtype=dtype, device=device)
+
+    def rows(start: int, stop: int) -> Any:
+        index = xp.arange(start, stop, device=device)
+        signs = xp.where(index < size, plus, minus)
+        return xpx.one_hot(index % size, size, dtype=dtype, xp=xp) * signs[:, None]
+
+    return rows
 
 
 def central_differences(
@@ -130,46 +157,61 @@ def central_differences(
     parts: Mapping[str, Any],
     args: tuple[Any, ...],
     *,
+    layout: Layout,
     epsilon: float,
-    wrap: Callable[[Mapping[str, Any]], Any],
     xp: ModuleType,
     mode: str = "stacked",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> dict[str, Any]:
     """The central-difference gradient (J(θ + εe_i) − J(θ − εe_i)) / (2ε) of every element.
 
-    Per tensor of n elements the rows are +εI then −εI (2n rows). Each row differs from θ
-    in exactly one element, by exactly ±ε (θ_j + ±0 is θ_j bitwise), so the perturbed
-    parameters equal the notebook's ``theta_plus``/``theta_minus`` bit for bit, and the
-    quotient is formed in the notebook's order. Returns name → array of the tensor's shape.
+    Rows are +εI then −εI. Each row differs from θ in exactly one element, by exactly ±ε
+    (θ_j + ±0 is θ_j bitwise), so the perturbed parameters equal the notebook's
+    ``theta_plus``/``theta_minus`` bit for bit, and the quotient is formed in the notebook's
+    order. A small θ (2N rows fit one stacked call) is done in ONE call with every tensor
+    batched, where per-call overhead dominates; otherwise each tensor's 2n rows are
+    evaluated with only that tensor batched, so the others are shared by broadcasting and
+    the layers before it run once. Returns name → array of the tensor's shape.
     """
+    dtypes = {p.dtype for p in parts.values()}
+    n_total = layout.size
+    itemsize = xp.finfo(next(iter(dtypes))).bits // 8
+    whole = (
+        mode == "stacked"
+        and len(dtypes) == 1
+        and 2 * n_total <= MAX_CHUNK_ROWS
+        and 2 * n_total * n_total * itemsize <= memory_budget
+    )
+    if whole:
+        flat = layout.flatten(layout.wrap(parts), xp=xp)
+        try:
+            costs = evaluate_rows(
+                cost, args, flat=flat, rows=_central_rows(n_total, epsilon, flat.dtype, device(flat), xp),
+                n_rows=2 * n_total, batched=lambda batch: layout.unflatten(batch, xp=xp),
+                single=lambda vector: layout.unflatten(vector, xp=xp), name=", ".join(layout.names),
+                xp=xp, mode=mode, memory_budget=memory_budget,
+            )
+        except CostError:
+            pass  # the per-tensor pass below redoes it and names the parameter at fault
+        else:
+            return layout.as_dict(layout.unflatten((costs[:n_total] - costs[n_total:]) / (2 * epsilon), xp=xp))
+
     numeric = {}
     for name, base in parts.items():
-        size = 1
-        for extent in base.shape:
-            size *= extent
-        device = base.device
+        shape = tuple(base.shape)
+        flat = xp.reshape(base, (-1,))
+        size = flat.shape[0]
 
-        def rows(start, stop, size=size, dtype=base.dtype, device=device):
-            index = xp.arange(start, stop, device=device)
-            signs = xp.where(
-                index < size,
-                xp.asarray(epsilon, dtype=dtype, device=device),
-                xp.asarray(-epsilon, dtype=dtype, device=device),
-            )
-            return xpx.one_hot(index % size, size, dtype=dtype, xp=xp) * signs[:, None]
+        def batched(batch, name=name, shape=shape):
+            return layout.wrap({**parts, name: xp.reshape(batch, (batch.shape[0], *shape))})
+
+        def single(vector, name=name, shape=shape):
+            return layout.wrap({**parts, name: xp.reshape(vector, shape)})
 
         costs = evaluate_rows(
-            cost,
-            parts,
-            args,
-            name=name,
-            n_rows=2 * size,
-            rows=rows,
-            wrap=wrap,
-            xp=xp,
-            mode=mode,
-            memory_budget=memory_budget,
+            cost, args, flat=flat, rows=_central_rows(size, epsilon, flat.dtype, device(flat), xp),
+            n_rows=2 * size, batched=batched, single=single, name=name, xp=xp,
+            mode=mode, memory_budget=memory_budget,
         )
-        numeric[name] = xp.reshape((costs[:size] - costs[size:]) / (2 * epsilon), tuple(base.shape))
+        numeric[name] = xp.reshape((costs[:size] - costs[size:]) / (2 * epsilon), shape)
     return numeric

@@ -15,10 +15,9 @@ __all__ = ["cost", "gradient"]
 
 def cost(theta: Any, x: Any) -> Any:
     """J = θ·x; shape θ.shape for scalar x, θ.shape[:-1] for a vector x."""
-    xp = array_namespace(theta)
     if getattr(x, "ndim", 0) == 0:
         return theta * x
-    return xp.sum(theta * x, axis=-1)
+    return array_namespace(theta, x).sum(theta * x, axis=-1)
 
 
 def gradient(theta: Any, x: Any) -> Any:

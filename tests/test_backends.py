@@ -1,0 +1,141 @@
+"""backends: names, modules and inference resolve; clear errors; copies, never views."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from helpers import assert_on, host
+
+import gcbackend as gc
+from gcbackend.backends import BACKEND_NAMES, resolve, to_backend, to_host
+
+
+def test_import_does_not_import_frameworks():
+    code = "import sys, gcbackend; print(sorted(m for m in ('cupy', 'torch', 'jax', 'dask') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(gc.InputError, match="backend='nupmy' is unknown") as info:
+        gc.check(lambda p: p * 2.0, 1.0, 2.0, backend="nupmy")
+    for name in BACKEND_NAMES:
+        assert name in str(info.value)
+
+
+def test_cupy_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # hide it, installed or not
+    with pytest.raises(gc.BackendUnavailableError, match=r"CuPy is not installed \(pip install 'gcbackend\[cuda12\]"):
+        gc.check(lambda p: p * 2.0, 1.0, 2.0, backend="cupy")
+
+
+def _fake_cupy(count=None, error=None):
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    def get_device_count():
+        if error:
+            raise CUDARuntimeError(error)
+        return count
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
+    return fake
+
+
+def test_cupy_installed_without_a_device(monkeypatch):
+    message = "cudaErrorNoDevice: no CUDA-capable device is detected"
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(error=message))
+    with pytest.raises(gc.BackendUnavailableError, match="CuPy is installed but no CUDA device is usable") as info:
+        gc.check(lambda p: p * 2.0, 1.0, 2.0, backend="cupy")
+    assert message in str(info.value)
+    assert isinstance(info.value, ImportError)
+
+
+def test_cupy_installed_with_zero_devices(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(count=0))
+    with pytest.raises(gc.BackendUnavailableError, match="no CUDA device is usable"):
+        resolve("cupy", [])
+
+
+def test_torch_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(gc.BackendUnavailableError, match=r"PyTorch is not installed \(pip install 'gcbackend\[torch\]'\)"):
+        resolve("torch", [])
+
+
+@pytest.mark.cupy
+def test_cupy_seed_parity():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    try:
+        resolve("cupy", [])
+    except gc.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    from gcbackend.models import mlp
+
+    X, Y, params = mlp.seed_case()
+    report = gc.check(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, backend="cupy")
+    assert report.difference == pytest.approx(0.2850931567761623, rel=1e-8)
+    assert isinstance(report.parameters["W2"].numeric_grad, cupy.ndarray)
+
+
+def test_module_and_name_resolve_to_the_same_namespace():
+    import numpy
+
+    assert resolve(numpy, []).xp is resolve("numpy", []).xp
+    assert resolve("NumPy", []).name == "numpy"
+    with pytest.raises(gc.InputTypeError, match="backend must be a name"):
+        resolve(3, [])
+
+
+def test_inferred_from_the_arrays(backend):
+    x = backend.xp.asarray([1.0, 2.0], device=backend.device)
+    resolved = resolve(None, [x])
+    assert resolved.xp is backend.xp and resolved.device == backend.device
+    assert resolve(None, []).name == "numpy"
+
+
+def test_to_backend_copies(backend):
+    source = np.arange(6.0).reshape(2, 3)
+    moved = to_backend(source, backend)
+    assert_on(moved, backend)
+    source[0, 0] = 100.0
+    assert host(moved)[0, 0] == 0.0
+    native = backend.xp.asarray([1.0, 2.0], device=backend.device)
+    again = to_backend(native, backend)
+    assert again is not native
+    assert host(again).tolist() == [1.0, 2.0]
+
+
+def test_to_host_round_trip(backend):
+    x = backend.xp.asarray([[1.5, -2.0]], dtype=backend.xp.float64, device=backend.device)
+    out = to_host(x)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64 and out.tolist() == [[1.5, -2.0]]
+
+
+def test_mixed_libraries_refused():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(gc.InputTypeError, match="mix arrays of several libraries"):
+        gc.check(lambda p, x: p * x, np.asarray(1.0), np.asarray(2.0), torch.asarray(2.0))
+
+
+def test_mixed_libraries_accepted_with_a_named_backend():
+    torch = pytest.importorskip("torch")
+    from gcbackend.models import linear
+
+    report = gc.check(linear.cost, np.asarray(4.0), torch.asarray(2.0), 2.0, backend="numpy")
+    assert report.difference == 2.919335883291695e-10
+
+
+def test_two_devices_refused():
+    strict = pytest.importorskip("array_api_strict")
+    a = strict.asarray(1.0)
+    b = strict.asarray(2.0, device=strict.Device("device1"))
+    with pytest.raises(gc.InputError, match="several devices"):
+        gc.check(lambda p, x: p * x, a, a, b)
+    report = gc.check(lambda p, x: p * x, a, b, b, device=strict.Device("device1"))
+    assert report.device == str(strict.Device("device1"))

@@ -1,0 +1,44 @@
+"""The demo prints the notebook's story with gcbackend's numbers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from gcbackend.cli import main
+
+
+def test_demo_prints_the_notebooks_numbers(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "difference = 2.919335883291695e-10" in out
+    assert "difference = 7.814075313343006e-11" in out
+    bugged = float(re.search(r"There is a mistake in the backward propagation! difference = (\S+)", out).group(1))
+    assert bugged == pytest.approx(0.2850931567761623, rel=1e-8)
+    fixed = float(re.search(r"(?s)after fixing.*works perfectly fine! difference = (\S+)", out).group(1))
+    assert fixed == pytest.approx(1.1890913024229996e-07, rel=1e-5)
+    assert re.search(r"Parameters at fault, worst first: b1 \(difference 0\.6\), W2 \(difference 0\.33\)", out)
+
+
+def test_demo_on_another_backend(capsys):
+    pytest.importorskip("array_api_strict")
+    assert main(["demo", "--backend", "array_api_strict", "--mode", "loop"]) == 0
+    out = capsys.readouterr().out
+    assert "backend array_api_strict" in out and "mode=loop" in out
+
+
+def test_demo_reports_an_unavailable_backend(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    assert main(["demo", "--backend", "cupy"]) == 2
+    assert "CuPy is not installed" in capsys.readouterr().err
+
+
+def test_python_dash_m():
+    out = subprocess.run(
+        [sys.executable, "-m", "gcbackend", "demo"], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert "Your backward propagation works perfectly fine!" in out
+    assert "There is a mistake in the backward propagation!" in out

@@ -1,0 +1,112 @@
+"""models: the notebook's data, costs that broadcast over a batch axis, correct backprop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import assert_on, host
+
+import gcbackend as gc
+from gcbackend.models import linear, mlp
+
+
+def test_seed_case_is_the_notebooks_data():
+    X, Y, params = mlp.seed_case()
+    assert list(params) == ["W1", "b1", "W2", "b2", "W3", "b3"]
+    shapes = [(5, 4), (5, 1), (3, 5), (3, 1), (1, 3), (1, 1)]
+    assert [p.shape for p in params.values()] == shapes
+    # np.random.seed(1); randn(...) — the first draws are the well-known 1.62434536, -0.61175641, ...
+    assert X.shape == (4, 3) and X.dtype == np.float64
+    np.testing.assert_allclose(X[0], [1.62434536, -0.61175641, -0.52817175], rtol=0, atol=5e-9)
+    assert Y.tolist() == [1.0, 1.0, 0.0] and Y.dtype == np.float64
+    # randn draws continue in order: W1 starts with the 13th draw of seed 1.
+    draws = np.random.RandomState(1).randn(12 + 20 + 5 + 15)
+    np.testing.assert_array_equal(params["W1"].ravel(), draws[12:32])
+    np.testing.assert_array_equal(params["b1"].ravel(), draws[32:37])
+    np.testing.assert_array_equal(params["W2"].ravel(), draws[37:52])
+
+
+def test_seed_case_on_a_backend(backend):
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    for array in (X, Y, *params.values()):
+        assert_on(array, backend)
+    assert float(host(mlp.cost(params, X, Y))) == pytest.approx(float(mlp.cost(*_np_seed())), rel=1e-15)
+
+
+def _np_seed():
+    X, Y, params = mlp.seed_case()
+    return params, X, Y
+
+
+def test_cost_matches_the_notebook_forward_pass():
+    params, X, Y = _np_seed()
+
+    def relu(x):
+        return np.maximum(0, x)
+
+    def sigmoid(x):
+        return 1 / (1 + np.exp(-x))
+
+    Z1 = np.dot(params["W1"], X) + params["b1"]
+    A2 = relu(np.dot(params["W2"], relu(Z1)) + params["b2"])
+    A3 = sigmoid(np.dot(params["W3"], A2) + params["b3"])
+    log_probs = np.multiply(-np.log(A3), Y) + np.multiply(-np.log(1 - A3), 1 - Y)
+    expected = 1.0 / 3 * np.sum(log_probs)
+    assert float(mlp.cost(params, X, Y)) == pytest.approx(expected, rel=1e-15)
+
+
+def test_cost_broadcasts_over_a_batch_axis(backend):
+    xp = backend.xp
+    X, Y, params = mlp.random_case([5, 4, 3, 1], 6, seed=2, xp=xp, device=backend.device)
+    scales = [1.0, 0.5, -0.25]
+    for name in ("W1", "b2", "W3"):
+        batch = xp.stack([params[name] * s for s in scales])
+        costs = mlp.cost({**params, name: batch}, X, Y)
+        assert tuple(costs.shape) == (3,)
+        assert_on(costs, backend)
+        for i, s in enumerate(scales):
+            single = mlp.cost({**params, name: params[name] * s}, X, Y)
+            assert float(host(costs)[i]) == pytest.approx(float(host(single)), rel=1e-12)
+    everything = mlp.cost({k: xp.stack([v, v]) for k, v in params.items()}, X, Y)
+    assert tuple(everything.shape) == (2,)
+
+
+def test_backward_is_correct_and_bugs_are_planted(backend):
+    xp = backend.xp
+    X, Y, params = mlp.random_case([7, 6, 5, 1], 10, seed=4, xp=xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+    assert list(grads) == list(params)
+    report = gc.check(mlp.cost, params, grads, X, Y, epsilon=1e-5, threshold=1e-7)
+    assert report.passed, str(report)
+    buggy = mlp.backward_with_planted_bugs(params, X, Y)
+    np.testing.assert_allclose(host(buggy["W2"]), 2 * host(grads["W2"]), rtol=1e-15)
+    np.testing.assert_allclose(host(buggy["b1"]), 4 * host(grads["b1"]), rtol=1e-15)
+    for name in ("W1", "b2", "W3", "b3"):
+        assert host(buggy[name]).tobytes() == host(grads[name]).tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_init_shapes_and_dtypes(backend, dtype):
+    params = mlp.init([3, 8, 2, 1], seed=7, dtype=dtype, xp=backend.xp, device=backend.device)
+    assert [tuple(p.shape) for p in params.values()] == [(8, 3), (8, 1), (2, 8), (2, 1), (1, 2), (1, 1)]
+    for p in params.values():
+        assert_on(p, backend)
+        assert str(p.dtype).endswith(dtype)
+    again = mlp.init([3, 8, 2, 1], seed=7, dtype=dtype)
+    assert host(params["W2"]).tobytes() == again["W2"].tobytes()
+    assert np.any(host(params["b1"]) != 0)
+    with pytest.raises(ValueError, match="layer_dims"):
+        mlp.init([3])
+
+
+def test_linear_model(backend):
+    xp = backend.xp
+    theta = xp.asarray([1.0, 2.0, 3.0], dtype=xp.float64, device=backend.device)
+    x = xp.asarray([4.0, 5.0, 6.0], dtype=xp.float64, device=backend.device)
+    assert float(host(linear.cost(theta, x))) == 32.0
+    assert host(linear.gradient(theta, x)).tolist() == [4.0, 5.0, 6.0]
+    batch = linear.cost(xp.stack([theta, 2 * theta]), x)
+    assert host(batch).tolist() == [32.0, 64.0]
+    assert linear.cost(4.0, 2) == 8.0 and linear.gradient(4, 3) == 3
+    report = gc.check(linear.cost, theta, linear.gradient(theta, x), x)
+    assert report.passed and report.parameters["theta"].shape == (3,)
