@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
+
+import array_api_compat
 
 from . import engine
 from .backends import Backend, is_array, resolve, to_backend, to_host
@@ -30,10 +33,15 @@ def _refuse_containers(value: Any, what: str) -> None:
         raise InputTypeError(f"{what} must be an array or a real number, not {type(value).__name__}")
 
 
+def _is_option_number(x: object) -> bool:
+    # Any real scalar (NumPy's float32 too), but not bool: epsilon=True is a mistake.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _options(epsilon: float, threshold: float, mode: str, memory_budget: int | None) -> int:
-    if not _is_number(epsilon) or not math.isfinite(epsilon) or epsilon <= 0:
+    if not _is_option_number(epsilon) or not math.isfinite(epsilon) or epsilon <= 0:
         raise InputError(f"epsilon={epsilon!r} must be a finite number > 0, e.g. epsilon=1e-7")
-    if not _is_number(threshold) or not math.isfinite(threshold) or threshold <= 0:
+    if not _is_option_number(threshold) or not math.isfinite(threshold) or threshold <= 0:
         raise InputError(f"threshold={threshold!r} must be a finite number > 0, e.g. threshold=2e-7")
     if mode not in engine.MODES:
         raise InputError(f"mode={mode!r} is unknown; use one of {', '.join(map(repr, engine.MODES))}")
@@ -78,6 +86,65 @@ def _require_finite(array: Any, what: str, xp) -> None:
     if bool(xp.any(bad)):
         index = _first_index(bad, tuple(array.shape), xp)
         raise InputError(f"{what} contains NaN or Inf (first at index {index}); fix it before checking")
+
+
+def _indices(mask: Any, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """The indices (into ``shape``) where a boolean backend array is true, in C order."""
+    flags = to_host(mask).reshape(-1).tolist()  # one transfer; only on the rare error paths
+    return tuple(_unravel(i, shape) for i, flag in enumerate(flags) if flag)
+
+
+def _listed(indices: tuple[tuple[int, ...], ...], most: int = 5) -> str:
+    shown = ", ".join(map(str, indices[:most]))
+    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
+
+
+def _require_step(theta: Any, epsilon: float, name: str, xp) -> None:
+    """θ ± ε must differ from θ, and stay finite, at every element in θ's own dtype.
+
+    Where θ ± ε rounds back to θ the finite difference is 0 / (2ε) whatever the gradient, a
+    silent false alarm; the usual cause is ε below the dtype's resolution at |θ| (ε = 1e-7
+    in float16, or large θ in float32).
+    """
+    info = xp.finfo(theta.dtype)
+    shape = tuple(theta.shape)
+    if epsilon >= float(info.max):
+        raise InputError(
+            f"epsilon={epsilon:g} overflows {theta.dtype} (largest {float(info.max):g}) for "
+            f"params[{name!r}]; pass a smaller epsilon, e.g. 1e-3 in float32"
+        )
+    plus, minus = theta + epsilon, theta - epsilon
+    unmoved = (plus == theta) | (minus == theta)
+    overflow = ~(xp.isfinite(plus) & xp.isfinite(minus))
+    if not bool(xp.any(unmoved | overflow)):  # one device sync on the common path
+        return
+    stuck = _indices(unmoved, shape)
+    if stuck:
+        largest = float(to_host(xp.max(xp.abs(theta))))
+        raise InputError(
+            f"epsilon={epsilon:g} is too small for params[{name!r}] in {theta.dtype}: θ + ε or "
+            f"θ − ε rounds back to θ at {len(stuck)} of {math.prod(shape)} elements "
+            f"({_listed(stuck)}), so their finite differences would be 0; pass an epsilon well "
+            f"above max|θ|·eps = {largest * float(info.eps):.2g} (e.g. 1e-7 in float64, 1e-3 in "
+            "float32), or use a wider dtype"
+        )
+    raise InputError(
+        f"epsilon={epsilon:g} makes θ ± ε overflow to Inf in {theta.dtype} for params[{name!r}] "
+        f"at {_listed(_indices(overflow, shape))}; pass a smaller epsilon or a wider dtype"
+    )
+
+
+def _require_budget(parts: dict[str, Any], budget: int, xp) -> None:
+    """A stacked call holds at least one perturbed copy of a tensor: the largest must fit."""
+    row_bytes = {name: math.prod(p.shape) * (xp.finfo(p.dtype).bits // 8) for name, p in parts.items()}
+    name = max(row_bytes, key=row_bytes.get)
+    if budget < row_bytes[name]:
+        part = parts[name]
+        raise InputError(
+            f"memory_budget={budget} bytes is too small for one perturbed copy of params[{name!r}] "
+            f"({math.prod(part.shape)} elements × {xp.finfo(part.dtype).bits // 8} bytes); pass at "
+            f"least memory_budget={row_bytes[name]}, or mode='loop'"
+        )
 
 
 def check(
@@ -136,6 +203,7 @@ def check(
     if not callable(cost):
         raise InputTypeError(f"cost must be callable as cost(params, *args), not {type(cost).__name__}")
     budget = _options(epsilon, threshold, mode, memory_budget)
+    epsilon, threshold = float(epsilon), float(threshold)
 
     single = not isinstance(params, Mapping)
     if not single:
@@ -165,6 +233,12 @@ def check(
     xp = chosen.xp
 
     parts = {name: _to_float_array(value, chosen, f"params[{name!r}]") for name, value in params.items()}
+    for name, part in parts.items():
+        if math.prod(part.shape) == 0:
+            raise InputError(
+                f"params[{name!r}] has shape {tuple(part.shape)}, no elements: there is nothing to "
+                "check; drop it from params (and grads)"
+            )
     analytic = {}
     for name, value in picked.items():
         grad = _to_float_array(value, chosen, f"grads[{name!r}]", dtype=parts[name].dtype)
@@ -177,46 +251,59 @@ def check(
     for name in parts:
         _require_finite(parts[name], f"params[{name!r}]", xp)
         _require_finite(analytic[name], f"grads[{name!r}]", xp)
-        unmoved = (parts[name] + epsilon) == parts[name]
-        if bool(xp.any(unmoved)):
-            index = _first_index(unmoved, tuple(parts[name].shape), xp)
-            raise InputError(
-                f"epsilon={epsilon:g} is too small for params[{name!r}] in {parts[name].dtype}: "
-                f"θ + ε == θ (first at index {index}); pass a larger epsilon"
-            )
+        _require_step(parts[name], epsilon, name, xp)
+    if mode == "stacked":
+        _require_budget(parts, budget, xp)
     moved_args = tuple(to_backend(a, chosen) if is_array(a) else a for a in args)
 
     layout = Layout(tuple(parts), tuple(tuple(p.shape) for p in parts.values()), single=single)
     numeric = engine.central_differences(
         cost, parts, moved_args, epsilon=epsilon, layout=layout, xp=xp, mode=mode, memory_budget=budget
     )
+    # A cost that returns Python floats (fine in mode='loop') yields costs on the namespace's
+    # default device, not necessarily the one the check runs on.
+    numeric = {
+        name: value if array_api_compat.device(value) == chosen.device else to_backend(value, chosen)
+        for name, value in numeric.items()
+    }
     return _compare(
         parts, analytic, numeric, xp=xp, backend=chosen, epsilon=epsilon, threshold=threshold, mode=mode
     )
 
 
 def _compare(parts, analytic, numeric, *, xp, backend, epsilon, threshold, mode) -> Report:
-    """Formula (2) overall and per parameter; one transfer to the host for every scalar."""
-    summaries = []
+    """Formula (2) overall and per parameter; one transfer to the host for every scalar.
+
+    Elements whose finite difference is NaN or Inf (the cost returned NaN/Inf at θ ± ε) are
+    left out of every difference, on both sides, and listed in ``nonfinite``: the rest is
+    still judged, and the parameter does not pass.
+    """
+    summaries, finite_a, finite_n, nonfinite_masks = [], [], [], {}
     for name in parts:
         a = xp.reshape(analytic[name], (-1,))
         n = xp.reshape(numeric[name], (-1,))
-        error = xp.abs(a - n)
-        worst = xp.argmax(error)
+        finite = xp.isfinite(n)
+        nonfinite_masks[name] = ~finite
+        a_kept = xp.where(finite, a, xp.zeros_like(a))
+        n_kept = xp.where(finite, n, xp.zeros_like(n))
+        finite_a.append(a_kept)
+        finite_n.append(n_kept)
+        worst = xp.argmax(xp.abs(a_kept - n_kept))
         at_worst = xp.reshape(worst, (1,))
         summaries.append(
             xp.stack(
                 [
-                    xp.astype(xp.linalg.vector_norm(a - n), xp.float64),
-                    xp.astype(xp.linalg.vector_norm(a) + xp.linalg.vector_norm(n), xp.float64),
+                    xp.astype(xp.linalg.vector_norm(a_kept - n_kept), xp.float64),
+                    xp.astype(xp.linalg.vector_norm(a_kept) + xp.linalg.vector_norm(n_kept), xp.float64),
                     xp.astype(worst, xp.float64),
                     xp.astype(xp.take(a, at_worst)[0], xp.float64),
                     xp.astype(xp.take(n, at_worst)[0], xp.float64),
+                    xp.astype(xp.sum(xp.astype(~finite, xp.int64)), xp.float64),
                 ]
             )
         )
-    all_a = xp.concat([xp.reshape(analytic[k], (-1,)) for k in parts])
-    all_n = xp.concat([xp.reshape(numeric[k], (-1,)) for k in parts])
+    all_a = xp.concat(finite_a)
+    all_n = xp.concat(finite_n)
     overall = xp.astype(
         xp.stack(
             [
@@ -235,8 +322,9 @@ def _compare(parts, analytic, numeric, *, xp, backend, epsilon, threshold, mode)
 
     results = {}
     for i, name in enumerate(parts):
-        num, den, worst, a_at, n_at = values[2 + 5 * i : 7 + 5 * i]
+        num, den, worst, a_at, n_at, n_bad = values[2 + 6 * i : 8 + 6 * i]
         shape = tuple(parts[name].shape)
+        nonfinite = _indices(nonfinite_masks[name], shape) if n_bad else ()
         results[name] = ParameterResult(
             name=name,
             shape=shape,
@@ -247,6 +335,7 @@ def _compare(parts, analytic, numeric, *, xp, backend, epsilon, threshold, mode)
             threshold=threshold,
             analytic_grad=analytic[name],
             numeric_grad=numeric[name],
+            nonfinite=nonfinite,
         )
     dtypes = sorted({str(p.dtype).split(".")[-1] for p in parts.values()})
     evaluations = 2 * sum(r.size for r in results.values())

@@ -20,6 +20,9 @@ class ParameterResult:
     parameter's shape at the element with the largest |analytic − numeric|, and ``analytic``
     / ``numeric`` are the two values there (Python floats). ``analytic_grad`` and
     ``numeric_grad`` are the full arrays, on the backend and device the check ran on.
+    ``nonfinite`` lists the indices where the finite difference is NaN or Inf (the cost
+    returned NaN/Inf at θ ± ε): they are left out of ``difference`` and ``worst_index``,
+    and a parameter with any of them does not pass.
     """
 
     name: str
@@ -31,10 +34,11 @@ class ParameterResult:
     threshold: float
     analytic_grad: Any = field(repr=False, compare=False)
     numeric_grad: Any = field(repr=False, compare=False)
+    nonfinite: tuple[tuple[int, ...], ...] = ()
 
     @property
     def passed(self) -> bool:
-        return self.difference <= self.threshold
+        return self.difference <= self.threshold and not self.nonfinite
 
     @property
     def size(self) -> int:
@@ -49,8 +53,9 @@ class Report:
     """The result of ``gcbackend.check``.
 
     ``difference`` is formula (2), ‖grad − gradapprox‖₂ / (‖grad‖₂ + ‖gradapprox‖₂), over all
-    parameters; ``passed`` is ``difference <= threshold``. ``parameters`` maps each name to
-    its ``ParameterResult``, in the user's order. ``str(report)`` is a table and a verdict.
+    parameters; ``passed`` is ``difference <= threshold`` and no finite difference was NaN or
+    Inf. ``parameters`` maps each name to its ``ParameterResult``, in the user's order.
+    ``str(report)`` is a table and a verdict.
     """
 
     difference: float
@@ -65,7 +70,7 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return self.difference <= self.threshold
+        return self.difference <= self.threshold and not any(p.nonfinite for p in self.parameters.values())
 
     @property
     def faults(self) -> tuple[str, ...]:
@@ -84,16 +89,15 @@ class Report:
                 p.name,
                 str(p.shape),
                 f"{p.difference:.3e}",
-                "ok" if p.passed else "OVER",
+                "ok" if p.passed else ("NaN/Inf" if p.nonfinite else "OVER"),
                 str(p.worst_index),
                 f"{p.analytic:.9g}",
                 f"{p.numeric:.9g}",
             )
             for p in self.parameters.values()
         ]
-        rows.append(
-            ("all", f"N={self.size}", f"{self.difference:.3e}", "ok" if self.passed else "OVER", "", "", "")
-        )
+        overall = "ok" if self.passed else ("OVER" if self.difference > self.threshold else "NaN/Inf")
+        rows.append(("all", f"N={self.size}", f"{self.difference:.3e}", overall, "", "", ""))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
         def line(cells):
@@ -120,6 +124,14 @@ class Report:
                 sorted(self.parameters, key=lambda n: -self.parameters[n].difference)[:1]
             )
             lines.append("Parameters at fault, worst first: " + ", ".join(self._named(culprits)))
+        for p in self.parameters.values():
+            if p.nonfinite:
+                shown = ", ".join(map(str, p.nonfinite[:8]))
+                more = f" and {len(p.nonfinite) - 8} more" if len(p.nonfinite) > 8 else ""
+                lines.append(
+                    f"{p.name}: the cost returned NaN or Inf at θ ± ε for {len(p.nonfinite)} of "
+                    f"{p.size} elements, left out of the differences: {shown}{more}"
+                )
         return "\n".join(lines)
 
     def _named(self, names) -> list[str]:
