@@ -25,7 +25,15 @@ from array_api_compat import device
 from .errors import CostError, InputError
 from .params import Layout
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "MAX_CHUNK_ROWS", "MODES", "central_differences", "evaluate_rows"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "MAX_CHUNK_ROWS",
+    "MODES",
+    "central_differences",
+    "coordinate_rows",
+    "evaluate_rows",
+    "stencil_costs",
+]
 
 MODES = ("stacked", "loop")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -76,7 +84,8 @@ def _as_costs(out: Any, expected: tuple[int, ...], *, xp, name, start, stop, sta
 
     if not hasattr(out, "shape"):
         try:
-            out = xp.asarray(out)
+            # A Python float is a float64; xp's default float may be float32 (torch's is).
+            out = xp.asarray(out, dtype=xp.float64)
         except Exception as exc:
             raise CostError(
                 f"the cost returned {type(out).__name__} (at rows {start}..{stop - 1} perturbing "
@@ -139,17 +148,105 @@ def evaluate_rows(
     return costs[0] if len(costs) == 1 else xp.concat(costs)
 
 
-def _central_rows(size: int, epsilon: float, dtype: Any, device: Any, xp: ModuleType) -> Rows:
-    """rows(start, stop) of [+εI; −εI] (2·size rows), built without item assignment."""
-    plus = xp.asarray(epsilon, dtype=dtype, device=device)
-    minus = xp.asarray(-epsilon, dtype=dtype, device=device)
+def coordinate_rows(steps: Any, multipliers: tuple[float, ...], *, xp: ModuleType) -> tuple[Rows, int]:
+    """rows(start, stop) of the stencil [m_1·diag(h); m_2·diag(h); …] and its row count.
+
+    ``steps`` is h, a (n,) array: one step per element. Row r = k·n + j moves element j by
+    m_k·h_j. ``one_hot`` builds the rows without item assignment (JAX, GPUs).
+    """
+    size = steps.shape[0]
+    factors = xp.asarray(multipliers, dtype=steps.dtype, device=device(steps))
 
     def rows(start: int, stop: int) -> Any:
-        index = xp.arange(start, stop, device=device)
-        signs = xp.where(index < size, plus, minus)
-        return xpx.one_hot(index % size, size, dtype=dtype, xp=xp) * signs[:, None]
+        index = xp.arange(start, stop, device=device(steps))
+        element = index % size
+        scale = xp.take(factors, index // size) * xp.take(steps, element)
+        return xpx.one_hot(element, size, dtype=steps.dtype, xp=xp) * scale[:, None]
 
-    return rows
+    return rows, len(multipliers) * size
+
+
+def stencil_costs(
+    cost: Callable[..., Any],
+    parts: Mapping[str, Any],
+    args: tuple[Any, ...],
+    *,
+    layout: Layout,
+    steps: Mapping[str, Any],
+    multipliers: tuple[float, ...],
+    xp: ModuleType,
+    mode: str = "stacked",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> dict[str, Any]:
+    """J(θ + m_k·h_j·e_j) for every multiplier m_k and element j: name → (K, *shape).
+
+    ``steps`` maps each name to h, an array of the tensor's shape. A row differs from θ in
+    exactly one element, by exactly m_k·h_j (θ_i + ±0 is θ_i bitwise); with m = ±1 the
+    perturbed parameters equal the notebook's ``theta_plus``/``theta_minus`` bit for bit.
+    A small θ (all rows fit one stacked call) is done in ONE call with every tensor
+    batched, where per-call overhead dominates; otherwise each tensor's rows are evaluated
+    with only that tensor batched, so the others are shared by broadcasting and the layers
+    before it run once.
+    """
+    n_stencil = len(multipliers)
+    dtypes = {p.dtype for p in parts.values()}
+    n_total = layout.size
+    itemsize = xp.finfo(next(iter(dtypes))).bits // 8
+    whole = (
+        mode == "stacked"
+        and len(dtypes) == 1
+        and n_stencil * n_total <= MAX_CHUNK_ROWS
+        and n_stencil * n_total * n_total * itemsize <= memory_budget
+    )
+    if whole:
+        flat = layout.flatten(layout.wrap(parts), xp=xp)
+        rows, n_rows = coordinate_rows(layout.flatten(layout.wrap(steps), xp=xp), multipliers, xp=xp)
+        try:
+            costs = evaluate_rows(
+                cost,
+                args,
+                flat=flat,
+                rows=rows,
+                n_rows=n_rows,
+                batched=lambda batch: layout.unflatten(batch, xp=xp),
+                single=lambda vector: layout.unflatten(vector, xp=xp),
+                name=", ".join(layout.names),
+                xp=xp,
+                mode=mode,
+                memory_budget=memory_budget,
+            )
+        except CostError:
+            pass  # the per-tensor pass below redoes it and names the parameter at fault
+        else:
+            grid = layout.as_dict(layout.unflatten(xp.reshape(costs, (n_stencil, n_total)), xp=xp))
+            return {name: grid[name] for name in layout.names}
+
+    out = {}
+    for name, base in parts.items():
+        shape = tuple(base.shape)
+
+        def batched(batch, name=name, shape=shape):
+            return layout.wrap({**parts, name: xp.reshape(batch, (batch.shape[0], *shape))})
+
+        def single(vector, name=name, shape=shape):
+            return layout.wrap({**parts, name: xp.reshape(vector, shape)})
+
+        rows, n_rows = coordinate_rows(xp.reshape(steps[name], (-1,)), multipliers, xp=xp)
+        costs = evaluate_rows(
+            cost,
+            args,
+            flat=xp.reshape(base, (-1,)),
+            rows=rows,
+            n_rows=n_rows,
+            batched=batched,
+            single=single,
+            name=name,
+            xp=xp,
+            mode=mode,
+            memory_budget=memory_budget,
+        )
+        out[name] = xp.reshape(costs, (n_stencil, *shape))
+    return out
 
 
 def central_differences(
@@ -165,53 +262,21 @@ def central_differences(
 ) -> dict[str, Any]:
     """The central-difference gradient (J(θ + εe_i) − J(θ − εe_i)) / (2ε) of every element.
 
-    Rows are +εI then −εI. Each row differs from θ in exactly one element, by exactly ±ε
-    (θ_j + ±0 is θ_j bitwise), so the perturbed parameters equal the notebook's
-    ``theta_plus``/``theta_minus`` bit for bit, and the quotient is formed in the notebook's
-    order. A small θ (2N rows fit one stacked call) is done in ONE call with every tensor
-    batched, where per-call overhead dominates; otherwise each tensor's 2n rows are
-    evaluated with only that tensor batched, so the others are shared by broadcasting and
-    the layers before it run once. Returns name → array of the tensor's shape.
+    The stencil ±1 with one step ε for all elements; the quotient is formed in the
+    notebook's order, so its numbers reproduce. Returns name → array of the tensor's shape.
     """
-    dtypes = {p.dtype for p in parts.values()}
-    n_total = layout.size
-    itemsize = xp.finfo(next(iter(dtypes))).bits // 8
-    whole = (
-        mode == "stacked"
-        and len(dtypes) == 1
-        and 2 * n_total <= MAX_CHUNK_ROWS
-        and 2 * n_total * n_total * itemsize <= memory_budget
+    steps = {
+        name: xp.full(tuple(p.shape), epsilon, dtype=p.dtype, device=device(p)) for name, p in parts.items()
+    }
+    costs = stencil_costs(
+        cost,
+        parts,
+        args,
+        layout=layout,
+        steps=steps,
+        multipliers=(1.0, -1.0),
+        xp=xp,
+        mode=mode,
+        memory_budget=memory_budget,
     )
-    if whole:
-        flat = layout.flatten(layout.wrap(parts), xp=xp)
-        try:
-            costs = evaluate_rows(
-                cost, args, flat=flat, rows=_central_rows(n_total, epsilon, flat.dtype, device(flat), xp),
-                n_rows=2 * n_total, batched=lambda batch: layout.unflatten(batch, xp=xp),
-                single=lambda vector: layout.unflatten(vector, xp=xp), name=", ".join(layout.names),
-                xp=xp, mode=mode, memory_budget=memory_budget,
-            )
-        except CostError:
-            pass  # the per-tensor pass below redoes it and names the parameter at fault
-        else:
-            return layout.as_dict(layout.unflatten((costs[:n_total] - costs[n_total:]) / (2 * epsilon), xp=xp))
-
-    numeric = {}
-    for name, base in parts.items():
-        shape = tuple(base.shape)
-        flat = xp.reshape(base, (-1,))
-        size = flat.shape[0]
-
-        def batched(batch, name=name, shape=shape):
-            return layout.wrap({**parts, name: xp.reshape(batch, (batch.shape[0], *shape))})
-
-        def single(vector, name=name, shape=shape):
-            return layout.wrap({**parts, name: xp.reshape(vector, shape)})
-
-        costs = evaluate_rows(
-            cost, args, flat=flat, rows=_central_rows(size, epsilon, flat.dtype, device(flat), xp),
-            n_rows=2 * size, batched=batched, single=single, name=name, xp=xp,
-            mode=mode, memory_budget=memory_budget,
-        )
-        numeric[name] = xp.reshape((costs[:size] - costs[size:]) / (2 * epsilon), shape)
-    return numeric
+    return {name: (c[0, ...] - c[1, ...]) / (2 * epsilon) for name, c in costs.items()}
