@@ -107,10 +107,11 @@ def _require_step(theta: Any, epsilon: float, name: str, xp) -> None:
     in float16, or large θ in float32).
     """
     info = xp.finfo(theta.dtype)
+    dtype = str(theta.dtype).split(".")[-1]  # float32, not torch.float32
     shape = tuple(theta.shape)
     if epsilon >= float(info.max):
         raise InputError(
-            f"epsilon={epsilon:g} overflows {theta.dtype} (largest {float(info.max):g}) for "
+            f"epsilon={epsilon:g} overflows {dtype} (largest {float(info.max):g}) for "
             f"params[{name!r}]; pass a smaller epsilon, e.g. 1e-3 in float32"
         )
     plus, minus = theta + epsilon, theta - epsilon
@@ -122,14 +123,14 @@ def _require_step(theta: Any, epsilon: float, name: str, xp) -> None:
     if stuck:
         largest = float(to_host(xp.max(xp.abs(theta))))
         raise InputError(
-            f"epsilon={epsilon:g} is too small for params[{name!r}] in {theta.dtype}: θ + ε or "
+            f"epsilon={epsilon:g} is too small for params[{name!r}] in {dtype}: θ + ε or "
             f"θ − ε rounds back to θ at {len(stuck)} of {math.prod(shape)} elements "
             f"({_listed(stuck)}), so their finite differences would be 0; pass an epsilon well "
             f"above max|θ|·eps = {largest * float(info.eps):.2g} (e.g. 1e-7 in float64, 1e-3 in "
             "float32), or use a wider dtype"
         )
     raise InputError(
-        f"epsilon={epsilon:g} makes θ ± ε overflow to Inf in {theta.dtype} for params[{name!r}] "
+        f"epsilon={epsilon:g} makes θ ± ε overflow to Inf in {dtype} for params[{name!r}] "
         f"at {_listed(_indices(overflow, shape))}; pass a smaller epsilon or a wider dtype"
     )
 

@@ -1,0 +1,448 @@
+"""Bad input gets a clear, typed error naming the parameter or argument; nothing is lost.
+
+One test per bad input of issue 5, through the public ``gc.check`` and on every backend
+where the input is backend-specific. Each asserts the exception type and that the message
+names the offending parameter or argument (and, where there is one, the fix).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+from array_api_compat import array_namespace
+from helpers import assert_bitwise_equal, assert_on, host, snapshot
+
+import gcbackend as gc
+from gcbackend.backends import to_backend
+from gcbackend.models import mlp
+
+
+def _case(backend, *, bugs=False):
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    grads = (mlp.backward_with_planted_bugs if bugs else mlp.backward)(params, X, Y)
+    return X, Y, params, grads
+
+
+def _on(backend, array):
+    """A host NumPy array as an array of ``backend`` on its device."""
+    return to_backend(np.asarray(array), backend)
+
+
+# --------------------------------------------------------------------------- params / grads
+
+
+def test_grads_missing_a_parameter(backend):
+    X, Y, params, grads = _case(backend)
+    del grads["b2"]
+    with pytest.raises(gc.InputError, match=r"no gradient for parameter 'b2'") as info:
+        gc.check(mlp.cost, params, grads, X, Y)
+    assert "grads['db2']" in str(info.value)  # the fix: both accepted spellings
+
+
+def test_parameter_like_extra_key(backend):
+    X, Y, params, grads = _case(backend)
+    grads = {"d" + k: v for k, v in grads.items()}
+    grads["dZ3"] = X  # the notebook's cache entries: ignored
+    gc.check(mlp.cost, params, grads, X, Y)
+    grads["dW4"] = X  # a gradient for a parameter params lacks: params and grads disagree
+    with pytest.raises(gc.InputError, match=r"grads\['dW4'\] looks like the gradient of a parameter 'W4'"):
+        gc.check(mlp.cost, params, grads, X, Y)
+
+
+def test_misshaped_gradient_names_both_shapes(backend):
+    X, Y, params, grads = _case(backend)
+    grads["W2"] = backend.xp.matrix_transpose(grads["W2"])
+    with pytest.raises(gc.InputError) as info:
+        gc.check(mlp.cost, params, grads, X, Y)
+    message = str(info.value)
+    assert "grads['W2']" in message and "params['W2']" in message
+    assert "(5, 3)" in message and "(3, 5)" in message
+
+
+@pytest.mark.parametrize("where", ["params", "grads"])
+@pytest.mark.parametrize("dtype", ["int64", "bool", "complex128"])
+def test_unsupported_dtype(backend, where, dtype):
+    X, Y, params, grads = _case(backend)
+    xp = backend.xp
+    tree = params if where == "params" else grads
+    if dtype == "complex128":
+        tree["W1"] = xp.astype(tree["W1"], xp.complex128)
+    else:
+        tree["W1"] = xp.astype(tree["W1"] > 0, getattr(xp, dtype))
+    with pytest.raises(gc.InputTypeError) as info:
+        gc.check(mlp.cost, params, grads, X, Y)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, gc.InputError)
+    message = str(info.value)
+    assert f"{where}['W1']" in message
+    assert "real floating" in message and "float64" in message  # which dtypes are supported
+
+
+@pytest.mark.parametrize("value", [True, 1j])
+def test_python_bool_or_complex_refused(value):
+    with pytest.raises(gc.InputTypeError, match="params must be an array or a real number"):
+        gc.check(lambda theta: theta, value, 1.0)
+
+
+@pytest.mark.parametrize("where", ["params", "grads"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_input_names_parameter_and_first_index(backend, where, bad):
+    X, Y, params, grads = _case(backend)
+    tree = params if where == "params" else grads
+    values = host(tree["W2"])
+    values[1, 2] = bad
+    values[2, 4] = bad
+    tree["W2"] = _on(backend, values)
+    with pytest.raises(
+        gc.InputError, match=rf"{where}\['W2'\] contains NaN or Inf \(first at index \(1, 2\)\)"
+    ):
+        gc.check(mlp.cost, params, grads, X, Y)
+
+
+def test_empty_params():
+    with pytest.raises(gc.InputError, match="params is empty"):
+        gc.check(mlp.cost, {}, {})
+
+
+def test_empty_tensor(backend):
+    X, Y, params, grads = _case(backend)
+    xp = backend.xp
+    params["W4"] = xp.zeros((0, 3), dtype=xp.float64, device=backend.device)
+    grads["W4"] = xp.zeros((0, 3), dtype=xp.float64, device=backend.device)
+    with pytest.raises(gc.InputError, match=r"params\['W4'\] has shape \(0, 3\), no elements"):
+        gc.check(mlp.cost, params, grads, X, Y)
+
+
+def test_python_list_refused():
+    """Decision: lists are refused, not converted — pass an array so dtype and shape are explicit."""
+    X, Y, params = mlp.seed_case()
+    grads = mlp.backward(params, X, Y)
+    with pytest.raises(gc.InputTypeError, match=r"params\['W1'\] is a Python list; pass an array"):
+        gc.check(mlp.cost, {**params, "W1": params["W1"].tolist()}, grads, X, Y)
+    with pytest.raises(gc.InputTypeError, match=r"grads\['b3'\] is a Python list; pass an array"):
+        gc.check(mlp.cost, params, {**grads, "b3": [[0.1]]}, X, Y)
+    with pytest.raises(gc.InputTypeError, match="params is a Python list; pass an array"):
+        gc.check(lambda theta, x: theta @ x, [1.0, 2.0], np.ones(2), np.ones(2))
+
+
+def test_params_and_grads_of_different_structure():
+    with pytest.raises(gc.InputTypeError, match="params is a mapping but grads is a ndarray"):
+        gc.check(mlp.cost, {"W1": np.ones((1, 1))}, np.ones((1, 1)))
+    with pytest.raises(gc.InputTypeError, match="params is a single array/number but grads is a mapping"):
+        gc.check(lambda theta: theta, 1.0, {"theta": 1.0})
+
+
+def test_cost_not_callable():
+    with pytest.raises(gc.InputTypeError, match="cost must be callable"):
+        gc.check("cost", 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("epsilon", [0, 0.0, -1e-7, math.nan, math.inf, "1e-7", True, None])
+def test_invalid_epsilon(epsilon):
+    with pytest.raises(gc.InputError, match=r"epsilon=.* must be a finite number > 0"):
+        gc.check(lambda theta: theta, 1.0, 1.0, epsilon=epsilon)
+
+
+def test_numpy_scalar_options_accepted():
+    report = gc.check(
+        lambda theta: theta * theta, 3.0, 6.0, epsilon=np.float32(1e-3), threshold=np.float64(1e-6)
+    )
+    assert report.passed and type(report.epsilon) is float
+
+
+@pytest.mark.parametrize(("dtype", "epsilon"), [("float64", 1e-20), ("float32", 1e-10)])
+def test_epsilon_too_small_for_the_dtype(backend, dtype, epsilon):
+    X, Y, params = mlp.random_case([3, 2, 1], 4, dtype=dtype, xp=backend.xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+    with pytest.raises(gc.InputError) as info:
+        gc.check(mlp.cost, params, grads, X, Y, epsilon=epsilon)
+    message = str(info.value)
+    assert f"epsilon={epsilon:g} is too small for params['W1'] in" in message
+    assert (
+        dtype in message and "6 of 6 elements ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1) and 1 more)" in message
+    )
+
+
+def test_epsilon_too_small_names_only_the_stuck_elements(backend):
+    # ε = 1e-7 moves 1e-3 but not 1e10 (its float64 spacing is ~2e-6): only (0, 1) is stuck.
+    theta = _on(backend, [[1e-3, 1e10, 2.0]])
+    with pytest.raises(gc.InputError, match=r"rounds back to θ at 1 of 3 elements \(\(0, 1\)\)"):
+        gc.check(lambda t: backend.xp.sum(t, axis=(-2, -1)), {"W": theta}, {"W": theta})
+
+
+def test_epsilon_overflowing_the_dtype(backend):
+    X, Y, params = mlp.random_case([3, 2, 1], 4, dtype="float32", xp=backend.xp, device=backend.device)
+    with pytest.raises(gc.InputError, match=r"epsilon=1e\+39 overflows float32 .* params\['W1'\]"):
+        gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, epsilon=1e39)
+
+
+@pytest.mark.parametrize("threshold", [0, -2e-7, math.nan, math.inf, "2e-7"])
+def test_invalid_threshold(threshold):
+    with pytest.raises(gc.InputError, match=r"threshold=.* must be a finite number > 0"):
+        gc.check(lambda theta: theta, 1.0, 1.0, threshold=threshold)
+
+
+@pytest.mark.parametrize("mode", ["fast", "Stacked", None])
+def test_unknown_mode(mode):
+    with pytest.raises(gc.InputError, match=rf"mode={mode!r} is unknown; use one of 'stacked', 'loop'"):
+        gc.check(lambda theta: theta, 1.0, 1.0, mode=mode)
+
+
+def test_unknown_backend_lists_the_valid_ones():
+    with pytest.raises(gc.InputError, match="backend='tensorflow' is unknown") as info:
+        gc.check(lambda theta: theta, 1.0, 1.0, backend="tensorflow")
+    for name in gc.BACKEND_NAMES:
+        assert name in str(info.value)
+
+
+def test_backend_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
+    with pytest.raises(
+        gc.BackendUnavailableError, match=r"backend='cupy': CuPy is not installed \(pip install"
+    ):
+        gc.check(lambda theta: theta, 1.0, 1.0, backend="cupy")
+
+
+def test_arrays_of_two_libraries():
+    torch = pytest.importorskip("torch")
+    X, Y, params = mlp.seed_case()
+    grads = mlp.backward(params, X, Y)
+    params["W2"] = torch.asarray(params["W2"])
+    with pytest.raises(gc.InputTypeError, match=r"mix arrays of several libraries \(numpy, torch\)") as info:
+        gc.check(mlp.cost, params, grads, X, Y)
+    assert "backend=" in str(info.value)  # the fix
+
+
+def test_arrays_on_two_devices():
+    strict = pytest.importorskip("array_api_strict")
+    X, Y, params = mlp.seed_case(xp=strict)
+    grads = mlp.backward(params, X, Y)
+    params["W2"] = strict.asarray(params["W2"], device=strict.Device("device1"))
+    with pytest.raises(gc.InputError, match="several devices") as info:
+        gc.check(mlp.cost, params, grads, X, Y)
+    assert "device1" in str(info.value) and "CPU_DEVICE" in str(info.value)
+    assert "device=" in str(info.value)  # the fix
+
+
+def test_memory_budget_too_small_for_one_row(backend):
+    X, Y, params, grads = _case(backend)
+    calls = []
+
+    def cost(params, X, Y):
+        calls.append(1)
+        return mlp.cost(params, X, Y)
+
+    # W1 (5, 4) is the largest tensor: one perturbed copy is 20 × 8 = 160 bytes.
+    with pytest.raises(
+        gc.InputError, match=r"memory_budget=159 .* params\['W1'\].* at least memory_budget=160"
+    ):
+        gc.check(cost, params, grads, X, Y, memory_budget=159)
+    assert not calls  # refused before any cost evaluation
+    assert gc.check(cost, params, grads, X, Y, memory_budget=160).passed
+
+
+@pytest.mark.parametrize("budget", [0, -1, 1.5, True, "1GB"])
+def test_invalid_memory_budget(budget):
+    with pytest.raises(gc.InputError, match=r"memory_budget=.* must be a positive number of bytes"):
+        gc.check(lambda theta: theta, 1.0, 1.0, memory_budget=budget)
+
+
+# --------------------------------------------------------------------------- the cost
+
+
+def _sum_over_everything(params, X, Y):
+    """The classic non-broadcasting cost: reduces over all axes, batch included."""
+    xp = array_namespace(*params.values())
+    A = mlp.forward(params, X)[-1][1]
+    return -xp.sum(Y * xp.log(A) + (1 - Y) * xp.log(1 - A)) / X.shape[-1]
+
+
+def test_cost_non_scalar_in_loop_mode(backend):
+    X, Y, params, grads = _case(backend)
+    with pytest.raises(gc.CostError) as info:
+        gc.check(lambda p, X, Y: mlp.cost(p, X, Y)[None], params, grads, X, Y, mode="loop")
+    message = str(info.value)
+    assert "shape (1,)" in message and "expected shape ()" in message
+    assert "'W1'" in message and "must return a scalar" in message
+
+
+def test_cost_wrong_shape_for_a_stacked_batch(backend):
+    X, Y, params, grads = _case(backend)
+    with pytest.raises(gc.CostError) as info:
+        gc.check(_sum_over_everything, params, grads, X, Y)
+    message = str(info.value)
+    assert "the cost returned shape ()" in message and "perturbing parameter 'W1'" in message
+    assert "leading batch axis" in message and "broadcast" in message  # the contract
+    assert "mode='loop'" in message  # the way out
+    # ... and the way out works.
+    report = gc.check(_sum_over_everything, params, grads, X, Y, mode="loop")
+    assert np.isclose(report.difference, 1.1890913024229996e-07)
+
+
+def test_cost_returning_a_tuple(backend):
+    X, Y, params, grads = _case(backend)
+    with pytest.raises(gc.CostError, match=r"returned a tuple of 2 items .*'W1'"):
+        gc.check(lambda p, X, Y: (mlp.cost(p, X, Y), None), params, grads, X, Y, mode="loop")
+
+
+def test_cost_returning_another_librarys_array(backend):
+    if backend.name == "numpy":
+        pytest.skip("the cost's NumPy result is the check's own library here")
+    X, Y, params, grads = _case(backend)
+    with pytest.raises(gc.CostError, match=r"returned a numpy array for parameters of .*'W1'"):
+        gc.check(lambda p, X, Y: np.asarray(host(mlp.cost(p, X, Y))), params, grads, X, Y)
+
+
+def test_cost_raising_inside_a_stacked_pass(backend):
+    X, Y, params, grads = _case(backend)
+
+    def cost(params, X, Y):
+        if params["W2"].ndim == 3:
+            raise ValueError("matmul: shapes do not align")
+        return mlp.cost(params, X, Y)
+
+    with pytest.raises(gc.CostError) as info:
+        gc.check(cost, params, grads, X, Y)
+    error = info.value
+    assert isinstance(error.__cause__, ValueError) and "do not align" in str(error.__cause__)
+    message = str(error)
+    assert "the cost raised ValueError: matmul: shapes do not align" in message
+    assert "rows 0..29 perturbing parameter 'W2'" in message  # W2 (3, 5): rows ±εI, 30 of them
+    assert "mode='loop'" in message
+
+
+def test_cost_raising_in_loop_mode_names_the_row(backend):
+    X, Y, params, grads = _case(backend)
+    calls = []
+
+    def cost(params, X, Y):
+        calls.append(1)
+        if len(calls) == 45:  # W1: 40 rows, b1: rows 0..9 → the 5th row of b1
+            raise ZeroDivisionError("division by zero")
+        return mlp.cost(params, X, Y)
+
+    with pytest.raises(
+        gc.CostError, match=r"raised ZeroDivisionError.*rows 4\.\.4 perturbing parameter 'b1'"
+    ) as info:
+        gc.check(cost, params, grads, X, Y, mode="loop")
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+@pytest.mark.parametrize("mode", ["stacked", "loop"])
+def test_cost_nonfinite_for_some_rows_judges_the_rest(backend, mode):
+    """Decision: no crash; NaN/Inf elements are left out, listed, and the verdict is fail."""
+    X, Y, params, grads = _case(backend)
+    xp = backend.xp
+    w = float(host(params["W2"])[1, 2])
+
+    def cost(params, X, Y):
+        # NaN exactly at θ + ε·e for W2[1, 2]: a log of a negative number, say.
+        J = mlp.cost(params, X, Y)
+        return xp.where(params["W2"][..., 1, 2] > w, xp.full_like(J, math.nan), J)
+
+    report = gc.check(cost, params, grads, X, Y, epsilon=1e-4, mode=mode)
+    result = report.parameters["W2"]
+    assert result.nonfinite == ((1, 2),)
+    assert math.isnan(float(host(result.numeric_grad)[1, 2]))  # the raw value is kept
+    assert result.worst_index != (1, 2)
+    assert result.difference < 1e-8 and math.isfinite(report.difference)  # the rest is judged
+    assert not result.passed and not report.passed
+    assert report.faults == ("W2",)
+    assert all(not p.nonfinite for n, p in report.parameters.items() if n != "W2")
+    text = str(report)
+    assert "NaN/Inf" in text
+    assert "W2: the cost returned NaN or Inf at θ ± ε for 1 of 15 elements" in text and "(1, 2)" in text
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf − inf, on purpose
+def test_cost_nonfinite_everywhere(backend):
+    X, Y, params, grads = _case(backend)
+    xp = backend.xp
+    report = gc.check(lambda p, X, Y: mlp.cost(p, X, Y) * xp.inf, params, grads, X, Y, mode="loop")
+    assert not report.passed
+    assert all(len(p.nonfinite) == p.size for p in report.parameters.values())
+    assert "left out of the differences" in str(report)
+
+
+def test_loop_cost_returning_python_floats_stays_on_the_device(backend):
+    """float(J) is the notebook's habit; in loop mode it is fine on every device."""
+    X, Y, params, grads = _case(backend)
+    report = gc.check(lambda p, X, Y: float(host(mlp.cost(p, X, Y))), params, grads, X, Y, mode="loop")
+    assert np.isclose(report.difference, 1.1890913024229996e-07)
+    assert_on(report.parameters["W1"].numeric_grad, backend)
+
+
+# --------------------------------------------------------------------------- nothing lost
+
+
+def _raise_on_call(n, exception, cost=mlp.cost):
+    calls = []
+
+    def wrapped(params, *args):
+        calls.append(1)
+        if len(calls) == n:
+            raise exception
+        return cost(params, *args)
+
+    return wrapped, calls
+
+
+@pytest.mark.parametrize("mode", ["stacked", "loop"])
+@pytest.mark.parametrize("kind", [RuntimeError, KeyboardInterrupt])
+def test_nothing_lost_when_the_cost_stops_midway(backend, mode, kind):
+    X, Y, params, grads = _case(backend, bugs=True)
+    saved = snapshot(params), snapshot(grads), snapshot(X), snapshot(Y)
+    exception = kind("out of memory")
+    cost, calls = _raise_on_call(3, exception)
+    # 20 rows of W1 per stacked call: the 3rd call (b1's rows) is midway through the pass.
+    expected = gc.CostError if kind is RuntimeError else KeyboardInterrupt
+    with pytest.raises(expected) as info:
+        gc.check(cost, params, grads, X, Y, mode=mode, memory_budget=20 * 20 * 8)
+    assert len(calls) == 3
+    if expected is KeyboardInterrupt:
+        assert type(info.value) is KeyboardInterrupt  # never swallowed or wrapped
+    else:
+        assert info.value.__cause__ is exception
+    assert_bitwise_equal(params, saved[0])
+    assert_bitwise_equal(grads, saved[1])
+    assert_bitwise_equal(X, saved[2])
+    assert_bitwise_equal(Y, saved[3])
+    # ... and a check right after runs on the same, untouched arrays.
+    report = gc.check(mlp.cost, params, grads, X, Y, mode=mode)
+    assert report.difference == pytest.approx(0.2850931567761623, rel=1e-8)
+
+
+def test_nothing_lost_when_the_cost_scribbles_on_its_inputs(backend):
+    if backend.name not in ("numpy", "torch"):
+        pytest.skip("needs in-place writes through the arrays the cost receives")
+    X, Y, params, grads = _case(backend)
+    saved = snapshot(params), snapshot(grads)
+
+    def cost(params, X, Y):
+        J = mlp.cost(params, X, Y)
+        for value in params.values():
+            value *= 0  # a buggy cost that reuses its inputs as scratch space
+        return J
+
+    gc.check(cost, params, grads, X, Y, mode="loop")
+    assert_bitwise_equal(params, saved[0])
+    assert_bitwise_equal(grads, saved[1])
+
+
+def test_report_holds_no_views_of_backend_inputs(backend):
+    if backend.name not in ("numpy", "torch"):
+        pytest.skip("needs in-place writes into the user's arrays")
+    X, Y, params, grads = _case(backend)
+    report = gc.check(mlp.cost, params, grads, X, Y)
+    before = {n: (host(p.analytic_grad), host(p.numeric_grad)) for n, p in report.parameters.items()}
+    for tree in (params, grads):
+        for value in tree.values():
+            value[...] = 1e6  # the user reuses their buffers
+    for name, result in report.parameters.items():
+        assert host(result.analytic_grad).tobytes() == before[name][0].tobytes()
+        assert host(result.numeric_grad).tobytes() == before[name][1].tobytes()
