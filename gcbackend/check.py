@@ -47,9 +47,13 @@ def _options(epsilon: float, threshold: float, mode: str, memory_budget: int | N
         raise InputError(f"mode={mode!r} is unknown; use one of {', '.join(map(repr, engine.MODES))}")
     if memory_budget is None:
         return engine.DEFAULT_MEMORY_BUDGET
-    if not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget <= 0:
+    if (
+        not isinstance(memory_budget, numbers.Integral)
+        or isinstance(memory_budget, bool)
+        or memory_budget <= 0
+    ):
         raise InputError(f"memory_budget={memory_budget!r} must be a positive number of bytes, or None")
-    return memory_budget
+    return int(memory_budget)
 
 
 def _to_float_array(value: Any, backend: Backend, what: str, dtype: Any = None) -> Any:

@@ -150,9 +150,14 @@ def test_invalid_epsilon(epsilon):
 
 def test_numpy_scalar_options_accepted():
     report = gc.check(
-        lambda theta: theta * theta, 3.0, 6.0, epsilon=np.float32(1e-3), threshold=np.float64(1e-6)
+        lambda theta: theta * theta,
+        3.0,
+        6.0,
+        epsilon=np.float32(1e-3),
+        threshold=np.float64(1e-6),
+        memory_budget=np.int64(1024),
     )
-    assert report.passed and type(report.epsilon) is float
+    assert report.passed and type(report.epsilon) is float and type(report.threshold) is float
 
 
 @pytest.mark.parametrize(("dtype", "epsilon"), [("float64", 1e-20), ("float32", 1e-10)])
