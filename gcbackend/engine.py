@@ -31,6 +31,7 @@ __all__ = [
     "MODES",
     "central_differences",
     "coordinate_rows",
+    "direction_rows",
     "evaluate_rows",
     "stencil_costs",
 ]
@@ -148,22 +149,43 @@ def evaluate_rows(
     return costs[0] if len(costs) == 1 else xp.concat(costs)
 
 
-def coordinate_rows(steps: Any, multipliers: tuple[float, ...], *, xp: ModuleType) -> tuple[Rows, int]:
+def coordinate_rows(
+    steps: Any, multipliers: tuple[float, ...], *, xp: ModuleType, elements: Any = None
+) -> tuple[Rows, int]:
     """rows(start, stop) of the stencil [m_1·diag(h); m_2·diag(h); …] and its row count.
 
-    ``steps`` is h, a (n,) array: one step per element. Row r = k·n + j moves element j by
-    m_k·h_j. ``one_hot`` builds the rows without item assignment (JAX, GPUs).
+    ``steps`` is h, a (n,) array: one step per element. ``elements`` (an int array) limits
+    the rows to those elements (a sampled check); by default every element has its rows.
+    Row r = k·s + i moves element ``elements[i]`` by m_k·h. ``one_hot`` builds the rows
+    without item assignment (JAX, GPUs).
     """
     size = steps.shape[0]
-    factors = xp.asarray(multipliers, dtype=steps.dtype, device=device(steps))
+    where = device(steps)
+    if elements is None:
+        elements = xp.arange(size, device=where)
+    chosen = elements.shape[0]
+    factors = xp.asarray(multipliers, dtype=steps.dtype, device=where)
 
     def rows(start: int, stop: int) -> Any:
-        index = xp.arange(start, stop, device=device(steps))
-        element = index % size
-        scale = xp.take(factors, index // size) * xp.take(steps, element)
+        index = xp.arange(start, stop, device=where)
+        element = xp.take(elements, index % chosen)
+        scale = xp.take(factors, index // chosen) * xp.take(steps, element)
         return xpx.one_hot(element, size, dtype=steps.dtype, xp=xp) * scale[:, None]
 
-    return rows, len(multipliers) * size
+    return rows, len(multipliers) * chosen
+
+
+def direction_rows(directions: Any, multipliers: tuple[float, ...], *, xp: ModuleType) -> tuple[Rows, int]:
+    """rows(start, stop) of [m_1·U; m_2·U; …] for k directions U of shape (k, n) (steps included)."""
+    count = directions.shape[0]
+    factors = xp.asarray(multipliers, dtype=directions.dtype, device=device(directions))
+
+    def rows(start: int, stop: int) -> Any:
+        index = xp.arange(start, stop, device=device(directions))
+        scale = xp.take(factors, index // count)
+        return xp.take(directions, index % count, axis=0) * scale[:, None]
+
+    return rows, len(multipliers) * count
 
 
 def stencil_costs(
@@ -177,8 +199,14 @@ def stencil_costs(
     xp: ModuleType,
     mode: str = "stacked",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    elements: Mapping[str, Any] | None = None,
+    directions: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """J(θ + m_k·h_j·e_j) for every multiplier m_k and element j: name → (K, *shape).
+
+    With ``elements`` (name → flat int indices) only those elements get rows and the result
+    is name → (K, s). With ``directions`` (name → (k, n) displacements, steps included) the
+    rows are m·u instead of coordinate steps and the result is name → (K, k).
 
     ``steps`` maps each name to h, an array of the tensor's shape. A row differs from θ in
     exactly one element, by exactly m_k·h_j (θ_i + ±0 is θ_i bitwise); with m = ±1 the
@@ -193,7 +221,9 @@ def stencil_costs(
     n_total = layout.size
     itemsize = xp.finfo(next(iter(dtypes))).bits // 8
     whole = (
-        mode == "stacked"
+        elements is None
+        and directions is None
+        and mode == "stacked"
         and len(dtypes) == 1
         and n_stencil * n_total <= MAX_CHUNK_ROWS
         and n_stencil * n_total * n_total * itemsize <= memory_budget
@@ -231,7 +261,13 @@ def stencil_costs(
         def single(vector, name=name, shape=shape):
             return layout.wrap({**parts, name: xp.reshape(vector, shape)})
 
-        rows, n_rows = coordinate_rows(xp.reshape(steps[name], (-1,)), multipliers, xp=xp)
+        if directions is not None:
+            rows, n_rows = direction_rows(directions[name], multipliers, xp=xp)
+        else:
+            chosen = None if elements is None else elements[name]
+            rows, n_rows = coordinate_rows(
+                xp.reshape(steps[name], (-1,)), multipliers, xp=xp, elements=chosen
+            )
         costs = evaluate_rows(
             cost,
             args,
@@ -245,7 +281,8 @@ def stencil_costs(
             mode=mode,
             memory_budget=memory_budget,
         )
-        out[name] = xp.reshape(costs, (n_stencil, *shape))
+        full = elements is None and directions is None
+        out[name] = xp.reshape(costs, (n_stencil, *shape) if full else (n_stencil, -1))
     return out
 
 
