@@ -10,6 +10,14 @@ LINEAR → RELU → … → LINEAR → RELU → LINEAR → SIGMOID, mean binary 
 leading batch axes of any of the parameters, so one call evaluates a stack of perturbed
 parameter sets and returns their costs, shape (B,). ``backward`` is the notebook's
 backprop (unbatched), with optional planted bugs.
+
+Dropout (inverted, as in the course): every hidden activation is multiplied by a fixed 0/1
+mask D_l of shape (n_l, m) and divided by ``keep_prob``, A_l = relu(Z_l) · D_l / keep_prob.
+The notebook says gradient checking "doesn't work with dropout" because each forward pass
+draws new masks, so J is a different function at θ + ε and θ − ε. Here the masks are drawn
+once (``dropout_masks``, or from ``seed``) and are the same in every call: the mask (n_l, m)
+broadcasts over the leading batch axis of stacked parameters, so every perturbed row sees
+the same network, and ``backward`` applies the same masks.
 """
 
 from __future__ import annotations
@@ -18,12 +26,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from array_api_compat import array_namespace
+from array_api_compat import device as device_of
 
 __all__ = [
     "PLANTED_BUGS",
     "backward",
+    "backward_with_dropout_bug",
     "backward_with_planted_bugs",
     "cost",
+    "dropout_masks",
     "forward",
     "init",
     "random_case",
@@ -38,23 +49,142 @@ def _layers(params: Mapping[str, Any]) -> int:
     return len(params) // 2
 
 
-def forward(params: Mapping[str, Any], X: Any) -> list[tuple[Any, Any]]:
-    """[(Z_l, A_l)] for l = 1..L; batched where the parameters are."""
+def dropout_masks(
+    layer_dims_or_params: Sequence[int] | Mapping[str, Any],
+    m: int,
+    keep_prob: float,
+    seed: int,
+    xp: Any = None,
+    device: Any = None,
+    *,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """Fixed dropout masks ``{"D1": …, "D{L-1}": …}`` for every hidden layer, shape (n_l, m).
+
+    Entries are 1 with probability ``keep_prob`` and 0 otherwise (the course's
+    ``D = (rand(n_l, m) < keep_prob)``), drawn on the host from NumPy's ``default_rng(seed)``
+    — never the global RNG — so the same seed gives the same masks on every backend.
+
+    ``layer_dims_or_params`` is either the layer sizes ``[n_x, n_1, …, n_L]`` or a parameter
+    mapping (``W_l`` of shape (…, n_l, n_{l-1}); a batch axis is allowed). Given parameters
+    and no ``xp``, the masks take the parameters' namespace, device and dtype; otherwise they
+    are NumPy arrays (float64, or ``dtype``), or arrays of ``xp`` on ``device``.
+    Raises ``ValueError`` for ``keep_prob`` outside (0, 1] or ``m`` < 1.
+    """
+    _check_keep_prob(keep_prob)
+    if int(m) < 1:
+        raise ValueError(f"m={m!r} must be the number of examples (columns of X), ≥ 1")
+    import numpy as np  # host-side mask generation, independent of the user's global RNG
+
+    if isinstance(layer_dims_or_params, Mapping):
+        params = layer_dims_or_params
+        hidden = [int(params[f"W{layer}"].shape[-2]) for layer in range(1, _layers(params))]
+        if xp is None:
+            xp = array_namespace(*params.values())
+            device = device_of(params["W1"])
+        dtype = dtype or params["W1"].dtype
+    else:
+        dims = [int(n) for n in layer_dims_or_params]
+        if len(dims) < 2:
+            raise ValueError(f"layer_dims must list ≥ 2 sizes (inputs … outputs), got {dims}")
+        hidden = dims[1:-1]
+    rng = np.random.default_rng(seed)
+    masks = {f"D{layer}": rng.random((n, int(m))) < keep_prob for layer, n in enumerate(hidden, start=1)}
+    if xp is None:
+        return {name: mask.astype(dtype or "float64") for name, mask in masks.items()}
+    # Placed as bool (every backend has it), then cast: no float64 detour on the device.
+    placed = _place(list(masks.values()), xp, device)
+    namespace = array_namespace(*placed) if placed else None
+    if dtype is None or isinstance(dtype, str):
+        dtype = getattr(namespace, dtype or "float64", None)
+    return {name: namespace.astype(mask, dtype) for name, mask in zip(masks, placed)}
+
+
+def _check_keep_prob(keep_prob: float) -> None:
+    if not 0.0 < keep_prob <= 1.0:
+        raise ValueError(f"keep_prob={keep_prob!r} must lie in (0, 1]: the probability of keeping a unit")
+
+
+def _dropout(
+    params: Mapping[str, Any], X: Any, keep_prob: float, masks: Mapping[str, Any] | None, seed: int | None
+) -> Mapping[str, Any] | None:
+    """The masks to apply (validated), or None when there is no dropout."""
+    _check_keep_prob(keep_prob)
+    if masks is None:
+        if keep_prob == 1.0:
+            return None
+        if seed is None:
+            raise ValueError(
+                f"keep_prob={keep_prob} needs fixed masks: pass masks=dropout_masks(...) or seed=…, "
+                "the same in cost and backward (fresh random masks per call make J a different "
+                "function at θ + ε and θ − ε, and no gradient check can pass)"
+            )
+        return dropout_masks(params, X.shape[-1], keep_prob, seed)
+    expected = {
+        f"D{layer}": (int(params[f"W{layer}"].shape[-2]), int(X.shape[-1]))
+        for layer in range(1, _layers(params))
+    }
+    shapes = {name: tuple(mask.shape) for name, mask in masks.items()}
+    if shapes != expected:
+        raise ValueError(
+            f"masks must have the shapes {expected} (one (n_l, m) mask per hidden layer), got {shapes}"
+        )
+    return masks
+
+
+def forward(
+    params: Mapping[str, Any],
+    X: Any,
+    *,
+    keep_prob: float = 1.0,
+    masks: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+) -> list[tuple[Any, Any]]:
+    """[(Z_l, A_l)] for l = 1..L; batched where the parameters are.
+
+    With dropout, the hidden A_l are after the mask and the 1/keep_prob scaling.
+    """
     xp = array_namespace(*params.values(), X)
+    masks = _dropout(params, X, keep_prob, masks, seed)
     L = _layers(params)
     A = X
     cache = []
     for layer in range(1, L + 1):
         Z = params[f"W{layer}"] @ A + params[f"b{layer}"]
         A = xp.clip(Z, min=0.0) if layer < L else 1.0 / (1.0 + xp.exp(-Z))
+        if masks is not None and layer < L:
+            # Inverted dropout, the course's two steps: A = A * D; A = A / keep_prob. The
+            # (n_l, m) mask broadcasts over a leading batch axis of A.
+            A = A * masks[f"D{layer}"] / keep_prob
         cache.append((Z, A))
     return cache
 
 
-def cost(params: Mapping[str, Any], X: Any, Y: Any) -> Any:
-    """Mean binary cross-entropy; shape () unbatched, (B,) when some parameters are (B, …)."""
+def cost(
+    params: Mapping[str, Any],
+    X: Any,
+    Y: Any,
+    *,
+    keep_prob: float = 1.0,
+    masks: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+) -> Any:
+    """Mean binary cross-entropy; shape () unbatched, (B,) when some parameters are (B, …).
+
+    ``keep_prob`` < 1 applies inverted dropout with fixed ``masks`` (from ``dropout_masks``)
+    or masks drawn from ``seed`` (identical in every call). ``gcbackend.check`` passes its
+    extra arguments positionally, so bind the dropout options with ``functools.partial``::
+
+        masks = mlp.dropout_masks(params, X.shape[1], keep_prob=0.8, seed=0)
+        cost = functools.partial(mlp.cost, keep_prob=0.8, masks=masks)
+        grads = mlp.backward(params, X, Y, keep_prob=0.8, masks=masks)
+        gc.check(cost, params, grads, X, Y)
+
+    (or ``lambda p, X, Y: mlp.cost(p, X, Y, keep_prob=0.8, masks=masks)``). The masks must be
+    arrays of the backend the check runs on; ``seed=`` draws them there.
+    """
     xp = array_namespace(*params.values(), X)
-    A = forward(params, X)[-1][1]
+    A = forward(params, X, keep_prob=keep_prob, masks=masks, seed=seed)[-1][1]
     m = X.shape[-1]
     # The notebook's expression, term for term, so its numbers reproduce.
     log_probs = (-xp.log(A)) * Y + (-xp.log(1 - A)) * (1 - Y)
@@ -62,18 +192,32 @@ def cost(params: Mapping[str, Any], X: Any, Y: Any) -> Any:
 
 
 def backward(
-    params: Mapping[str, Any], X: Any, Y: Any, *, bugs: Mapping[str, float] | None = None
+    params: Mapping[str, Any],
+    X: Any,
+    Y: Any,
+    *,
+    keep_prob: float = 1.0,
+    masks: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    bugs: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The gradients of ``cost`` by backpropagation, keyed like ``params`` (unbatched).
 
+    ``keep_prob``, ``masks`` and ``seed`` must be the ones given to ``cost``: the backward
+    pass applies the same masks, dA_l = dA_l · D_l / keep_prob.
+
     ``bugs`` maps a parameter name to a factor its gradient is wrongly multiplied by, the
-    way the notebook plants them (``dW2 = 1/m · dZ2 A1ᵀ · 2``, ``db1 = 4/m · Σ dZ1``).
+    way the notebook plants them (``dW2 = 1/m · dZ2 A1ᵀ · 2``, ``db1 = 4/m · Σ dZ1``);
+    ``{"dropout_scale": True}`` forgets the 1/keep_prob in the backward pass, which makes
+    every hidden layer's gradient wrong (by 1/keep_prob per hidden layer above it).
     """
     xp = array_namespace(*params.values(), X)
     bugs = dict(bugs or {})
+    forget_scale = bool(bugs.pop("dropout_scale", False))
+    masks = _dropout(params, X, keep_prob, masks, seed)
     L = _layers(params)
     m = X.shape[-1]
-    cache = forward(params, X)
+    cache = forward(params, X, keep_prob=keep_prob, masks=masks)
     grads: dict[str, Any] = {}
     dZ = cache[-1][1] - Y
     for layer in range(L, 0, -1):
@@ -83,8 +227,29 @@ def backward(
         grads[f"b{layer}"] = bugs.get(f"b{layer}", 1.0) / m * xp.sum(dZ, axis=1, keepdims=True)
         if layer > 1:
             dA = xp.matrix_transpose(W) @ dZ
+            if masks is not None:
+                dA = dA * masks[f"D{layer - 1}"]
+                if not forget_scale:
+                    dA = dA / keep_prob
             dZ = dA * xp.astype(A_prev > 0, dA.dtype)
     return {name: grads[name] for name in params}
+
+
+def backward_with_dropout_bug(
+    params: Mapping[str, Any],
+    X: Any,
+    Y: Any,
+    *,
+    keep_prob: float,
+    masks: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Dropout backprop that forgets the 1/keep_prob (``bugs={"dropout_scale": True}``).
+
+    The output layer's gradients stay right; every hidden layer's are too small by a factor
+    keep_prob per hidden layer above it.
+    """
+    return backward(params, X, Y, keep_prob=keep_prob, masks=masks, seed=seed, bugs={"dropout_scale": True})
 
 
 def backward_with_planted_bugs(params: Mapping[str, Any], X: Any, Y: Any) -> dict[str, Any]:
