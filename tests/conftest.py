@@ -4,6 +4,10 @@ Select with ``GCBACKEND_TEST_BACKENDS`` (comma-separated ids, like SciPy's
 ``SCIPY_ARRAY_API`` and einops' ``EINOPS_TEST_BACKENDS``); the default is every id below.
 array-api-strict refuses anything outside the standard, and its ``device1`` catches arrays
 left on the wrong device: code that passes there and on NumPy runs on CuPy.
+
+Hypothesis profiles: ``fast`` (the default, and CI) runs a few derandomised examples per
+property so the suite stays within a couple of minutes on 2 cores; ``deep`` searches for
+real: ``GCBACKEND_HYPOTHESIS_PROFILE=deep scripts/test.sh -k properties``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,14 @@ import importlib
 import os
 
 import pytest
+from hypothesis import settings
 
 from gcbackend.backends import Backend, resolve
 from gcbackend.errors import BackendUnavailableError
+
+settings.register_profile("fast", max_examples=8, deadline=None, derandomize=True)
+settings.register_profile("deep", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("GCBACKEND_HYPOTHESIS_PROFILE", "fast"))
 
 ALL_IDS = ("numpy", "array_api_strict", "array_api_strict:device1", "torch", "cupy")
 
