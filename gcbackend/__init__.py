@@ -8,16 +8,18 @@ wrong, where, and by how much.
 
 from . import models
 from .backends import BACKEND_NAMES
-from .check import check
+from .check import NOTEBOOK, check
 from .errors import BackendUnavailableError, CostError, GradCheckError, InputError, InputTypeError
-from .report import ParameterResult, Report
+from .report import ElementError, ParameterResult, Report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKEND_NAMES",
+    "NOTEBOOK",
     "BackendUnavailableError",
     "CostError",
+    "ElementError",
     "GradCheckError",
     "InputError",
     "InputTypeError",

@@ -190,3 +190,12 @@ def to_backend(x: Any, backend: Backend, *, dtype: Any = None) -> Any:
     if dtype is not None and out.dtype != dtype:
         out = xp.astype(out, dtype)
     return out
+
+
+def host_random(seed: int) -> Any:
+    """A NumPy ``Generator`` seeded with ``seed``: sampling and random directions are drawn on
+    the host (the same numbers on every backend, and never the user's global RNG), then
+    moved with ``to_backend``."""
+    import numpy as np
+
+    return np.random.default_rng(seed)

@@ -10,11 +10,16 @@ from typing import Any
 
 import array_api_compat
 
-from . import engine
-from .backends import Backend, is_array, resolve, to_backend, to_host
+from . import differences, engine
+from .backends import Backend, host_random, is_array, resolve, to_backend, to_host
 from .errors import InputError, InputTypeError
 from .params import SINGLE, Layout, match_grads
-from .report import ParameterResult, Report
+from .report import ElementError, ParameterResult, Report
+
+MODES = (*engine.MODES, "directions")
+NOTEBOOK: Mapping[str, float] = MappingProxyType({"epsilon": 1e-7, "threshold": 2e-7})
+"""The course notebook's settings: ``gc.check(..., **gc.NOTEBOOK)`` reproduces its numbers
+(J(θ ± 1e-7), 2N evaluations, pass when the overall difference is at most 2e-7)."""
 
 __all__ = ["check"]
 
@@ -38,13 +43,28 @@ def _is_option_number(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _options(epsilon: float, threshold: float, mode: str, memory_budget: int | None) -> int:
-    if not _is_option_number(epsilon) or not math.isfinite(epsilon) or epsilon <= 0:
-        raise InputError(f"epsilon={epsilon!r} must be a finite number > 0, e.g. epsilon=1e-7")
-    if not _is_option_number(threshold) or not math.isfinite(threshold) or threshold <= 0:
-        raise InputError(f"threshold={threshold!r} must be a finite number > 0, e.g. threshold=2e-7")
-    if mode not in engine.MODES:
-        raise InputError(f"mode={mode!r} is unknown; use one of {', '.join(map(repr, engine.MODES))}")
+def _options(epsilon, threshold, mode, memory_budget, order, directions, sample, top_k) -> int:
+    if epsilon != "auto" and (not _is_option_number(epsilon) or not math.isfinite(epsilon) or epsilon <= 0):
+        raise InputError(f"epsilon={epsilon!r} must be 'auto' or a finite number > 0, e.g. epsilon=1e-7")
+    if threshold != "auto" and (
+        not _is_option_number(threshold) or not math.isfinite(threshold) or threshold <= 0
+    ):
+        raise InputError(
+            f"threshold={threshold!r} must be 'auto' or a finite number > 0, e.g. threshold=2e-7"
+        )
+    if mode not in MODES:
+        raise InputError(f"mode={mode!r} is unknown; use one of {', '.join(map(repr, MODES))}")
+    if order not in (2, 4) or isinstance(order, bool):
+        raise InputError(f"order={order!r} is not supported; use order=2 (±h) or order=4 (±h, ±2h)")
+    for label, value in (("directions", directions), ("top_k", top_k)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{label}={value!r} must be a positive integer")
+    if sample is not None and (
+        not isinstance(sample, numbers.Integral) or isinstance(sample, bool) or sample < 1
+    ):
+        raise InputError(f"sample={sample!r} must be None (check every element) or a positive integer")
+    if sample is not None and mode == "directions":
+        raise InputError("sample= and mode='directions' exclude each other; pick one")
     if memory_budget is None:
         return engine.DEFAULT_MEMORY_BUDGET
     if (
@@ -159,9 +179,15 @@ def check(
     *args: Any,
     backend: Any = None,
     device: Any = None,
-    epsilon: float = 1e-7,
-    threshold: float = 2e-7,
+    epsilon: float | str = "auto",
+    threshold: float | str = "auto",
+    order: int = 2,
     mode: str = "stacked",
+    directions: int = 8,
+    sample: int | None = None,
+    seed: int = 0,
+    top_k: int = 5,
+    upcast: bool = True,
     memory_budget: int | None = None,
 ) -> Report:
     """Check ``grads`` against central finite differences of ``cost(params, *args)``.
@@ -207,8 +233,9 @@ def check(
     """
     if not callable(cost):
         raise InputTypeError(f"cost must be callable as cost(params, *args), not {type(cost).__name__}")
-    budget = _options(epsilon, threshold, mode, memory_budget)
-    epsilon, threshold = float(epsilon), float(threshold)
+    budget = _options(epsilon, threshold, mode, memory_budget, order, directions, sample, top_k)
+    epsilon = epsilon if epsilon == "auto" else float(epsilon)
+    threshold = threshold if threshold == "auto" else float(threshold)
 
     single = not isinstance(params, Mapping)
     if not single:
@@ -256,15 +283,42 @@ def check(
     for name in parts:
         _require_finite(parts[name], f"params[{name!r}]", xp)
         _require_finite(analytic[name], f"grads[{name!r}]", xp)
-        _require_step(parts[name], epsilon, name, xp)
-    if mode == "stacked":
+        if epsilon != "auto":
+            _require_step(parts[name], epsilon, name, xp)
+    if mode != "loop":
         _require_budget(parts, budget, xp)
     moved_args = tuple(to_backend(a, chosen) if is_array(a) else a for a in args)
 
     layout = Layout(tuple(parts), tuple(tuple(p.shape) for p in parts.values()), single=single)
-    numeric = engine.central_differences(
-        cost, parts, moved_args, epsilon=epsilon, layout=layout, xp=xp, mode=mode, memory_budget=budget
+    notes: list[str] = []
+    parts, moved_args = _upcast(parts, moved_args, xp, notes) if upcast else (parts, moved_args)
+    notebook = (
+        epsilon != "auto" and threshold != "auto" and order == 2 and mode != "directions" and sample is None
     )
+    evaluation = dict(
+        layout=layout, xp=xp, mode="loop" if mode == "loop" else "stacked", memory_budget=budget
+    )
+    if notebook:
+        # The notebook's way: J(θ ± ε), 2N evaluations, no error bars, its numbers exactly.
+        numeric = engine.central_differences(cost, parts, moved_args, epsilon=epsilon, **evaluation)
+        estimate, checked, evaluations, positions = None, analytic, 2 * layout.size, None
+    else:
+        estimate, checked, evaluations, positions = _estimate(
+            cost,
+            parts,
+            moved_args,
+            analytic,
+            epsilon=epsilon,
+            order=order,
+            mode=mode,
+            directions=directions,
+            sample=sample,
+            seed=seed,
+            notes=notes,
+            chosen=chosen,
+            evaluation=evaluation,
+        )
+        numeric = estimate.numeric
     # A cost that returns Python floats (fine in mode='loop') yields costs on the namespace's
     # default device, not necessarily the one the check runs on.
     numeric = {
@@ -272,86 +326,265 @@ def check(
         for name, value in numeric.items()
     }
     return _compare(
-        parts, analytic, numeric, xp=xp, backend=chosen, epsilon=epsilon, threshold=threshold, mode=mode
+        parts,
+        checked,
+        numeric,
+        estimate,
+        xp=xp,
+        backend=chosen,
+        epsilon=epsilon,
+        threshold=threshold,
+        mode=mode,
+        order=order,
+        top_k=int(top_k),
+        notes=tuple(notes),
+        evaluations=evaluations,
+        positions=positions,
     )
 
 
-def _compare(parts, analytic, numeric, *, xp, backend, epsilon, threshold, mode) -> Report:
-    """Formula (2) overall and per parameter; one transfer to the host for every scalar.
+def _upcast(parts, args, xp, notes):
+    """Evaluate lower-precision parameters (and floating args) in float64 where it exists.
+
+    A float32 cost's rounding (~1e-7·|J|) divided by any usable step swamps the comparison;
+    in float64 the finite differences are exact to far below float32's own resolution, so
+    a float32 backprop is judged against the truth, to its own precision.
+    """
+    low = sorted({str(p.dtype).split(".")[-1] for p in parts.values() if xp.finfo(p.dtype).bits < 64})
+    if not low or xp.asarray(1.0, dtype=xp.float64).dtype != xp.float64:  # JAX without x64
+        return parts, args
+    notes.append(
+        f"{'/'.join(low)} parameters and floating args were evaluated in float64 (upcast=False to keep them)"
+    )
+    wide = {name: xp.astype(p, xp.float64) for name, p in parts.items()}
+    moved = tuple(
+        xp.astype(a, xp.float64) if is_array(a) and xp.isdtype(a.dtype, "real floating") else a for a in args
+    )
+    return wide, moved
+
+
+def _estimate(
+    cost, parts, args, analytic, *, epsilon, order, mode, directions, sample, seed, notes, chosen, evaluation
+):
+    """Derivatives with error bars (differences.estimate) for every, sampled or directional check.
+
+    Returns the estimate, the analytic values they compare with, the evaluation count, and
+    where the compared values sit: ``"directions"``, name → sampled flat indices, or None.
+    """
+    xp = chosen.xp
+    if epsilon == "auto":
+        steps = differences.auto_steps(parts, order=order, xp=xp)
+    else:
+        steps = {
+            name: xp.full(tuple(p.shape), epsilon, dtype=p.dtype, device=chosen.device)
+            for name, p in parts.items()
+        }
+    rng = host_random(seed)
+    if mode == "directions":
+        rows, checked = {}, {}
+        for name, part in parts.items():
+            size = math.prod(part.shape)
+            u = to_backend(rng.standard_normal((directions, size)), chosen, dtype=part.dtype)
+            h = xp.max(xp.reshape(steps[name], (-1,)))
+            rows[name] = u * h
+            checked[name] = xp.reshape(
+                rows[name] @ xp.reshape(xp.astype(analytic[name], part.dtype), (-1,)), (-1,)
+            )
+        notes.append(
+            f"fast screen: {directions} seeded Gaussian directions per tensor (seed={seed}); each value is a "
+            "directional derivative, index (k,) is the k-th direction"
+        )
+        estimate = differences.estimate(
+            cost, parts, args, steps=steps, order=order, directions=rows, **evaluation
+        )
+        return estimate, checked, 4 * directions * len(parts) + 1, "directions"
+    if sample is not None:
+        elements, checked, positions = {}, {}, {}
+        for name, part in parts.items():
+            size = math.prod(part.shape)
+            chosen_idx = sorted(rng.choice(size, size=min(int(sample), size), replace=False).tolist())
+            positions[name] = chosen_idx
+            elements[name] = xp.asarray(chosen_idx, dtype=xp.int64, device=chosen.device)
+            checked[name] = xp.take(xp.reshape(analytic[name], (-1,)), elements[name])
+        notes.append(f"sampled check: {sample} element(s) per tensor (seed={seed})")
+        estimate = differences.estimate(
+            cost, parts, args, steps=steps, order=order, elements=elements, **evaluation
+        )
+        return estimate, checked, 4 * sum(len(v) for v in positions.values()) + 1, positions
+    estimate = differences.estimate(cost, parts, args, steps=steps, order=order, **evaluation)
+    return estimate, analytic, 4 * sum(math.prod(p.shape) for p in parts.values()) + 1, None
+
+
+SAFETY = 10.0
+"""A difference (or element error) up to this many times the expected one is noise."""
+ANALYTIC_ULPS = 32.0
+"""Rounding a backprop accumulates in the gradient itself, in ulps of its dtype, relative to
+|g_j| + rms(g): a float32 backward pass is judged to float32's precision, not float64's."""
+INCONCLUSIVE = 1e-3
+"""With threshold='auto', a parameter whose expected difference exceeds this cannot be
+told apart from a gradient that is off by 0.1 %: inconclusive rather than pass."""
+
+
+def _verdict(difference, expected, threshold, outliers, nonfinite, auto, floor):
+    if nonfinite:
+        return "fail"
+    if auto:
+        if difference > max(SAFETY * expected, floor) or outliers:
+            return "fail"
+        return "inconclusive" if expected > INCONCLUSIVE else "pass"
+    if difference <= threshold:
+        return "pass"
+    return "inconclusive" if expected is not None and difference <= SAFETY * expected else "fail"
+
+
+def _compare(
+    parts,
+    analytic,
+    numeric,
+    estimate,
+    *,
+    xp,
+    backend,
+    epsilon,
+    threshold,
+    mode,
+    order,
+    top_k,
+    notes,
+    evaluations,
+    positions,
+) -> Report:
+    """Formula (2) overall and per parameter, error bars, top-k; one transfer to the host.
 
     Elements whose finite difference is NaN or Inf (the cost returned NaN/Inf at θ ± ε) are
     left out of every difference, on both sides, and listed in ``nonfinite``: the rest is
-    still judged, and the parameter does not pass.
+    still judged, and the parameter fails. Elements at a kink are compared with the nearest
+    subgradient between their one-sided slopes.
     """
-    summaries, finite_a, finite_n, nonfinite_masks = [], [], [], {}
+    auto = threshold == "auto"
+    packed, kept, masks, compared, counts = [], [], {}, {}, {}
     for name in parts:
-        a = xp.reshape(analytic[name], (-1,))
         n = xp.reshape(numeric[name], (-1,))
+        a = xp.astype(xp.reshape(analytic[name], (-1,)), n.dtype)
         finite = xp.isfinite(n)
-        nonfinite_masks[name] = ~finite
-        a_kept = xp.where(finite, a, xp.zeros_like(a))
-        n_kept = xp.where(finite, n, xp.zeros_like(n))
-        finite_a.append(a_kept)
-        finite_n.append(n_kept)
-        worst = xp.argmax(xp.abs(a_kept - n_kept))
-        at_worst = xp.reshape(worst, (1,))
-        summaries.append(
-            xp.stack(
-                [
-                    xp.astype(xp.linalg.vector_norm(a_kept - n_kept), xp.float64),
-                    xp.astype(xp.linalg.vector_norm(a_kept) + xp.linalg.vector_norm(n_kept), xp.float64),
-                    xp.astype(worst, xp.float64),
-                    xp.astype(xp.take(a, at_worst)[0], xp.float64),
-                    xp.astype(xp.take(n, at_worst)[0], xp.float64),
-                    xp.astype(xp.sum(xp.astype(~finite, xp.int64)), xp.float64),
-                ]
+        zero = xp.zeros_like(a)
+        if estimate is not None:
+            err = xp.reshape(estimate.error[name], (-1,))
+            kink = xp.reshape(estimate.kink[name], (-1,)) & finite
+            low, high = xp.reshape(estimate.low[name], (-1,)), xp.reshape(estimate.high[name], (-1,))
+            n = xp.where(kink, xp.minimum(xp.maximum(a, low - err), high + err), n)
+            eps_a = float(xp.finfo(analytic[name].dtype).eps)
+            rms = xp.sqrt(xp.mean(a * a))
+            tol = xp.where(finite, err + ANALYTIC_ULPS * eps_a * (xp.abs(a) + rms), zero)
+        else:
+            kink = xp.zeros_like(finite)
+            tol = zero
+        a_kept, n_kept = xp.where(finite, a, zero), xp.where(finite, n, zero)
+        error = xp.abs(a_kept - n_kept)
+        k = min(top_k, a.shape[0])
+        worst = xp.argsort(error, descending=True, stable=True)[:k]
+        outliers = xp.sum(xp.astype((error > SAFETY * tol) & (tol > 0), xp.int64))
+        scalars = xp.stack(
+            [
+                xp.linalg.vector_norm(a_kept - n_kept),
+                xp.linalg.vector_norm(a_kept) + xp.linalg.vector_norm(n_kept),
+                xp.linalg.vector_norm(tol),
+                xp.astype(outliers, n.dtype),
+                xp.astype(xp.sum(xp.astype(~finite, xp.int64)), n.dtype),
+                xp.astype(xp.sum(xp.astype(kink, xp.int64)), n.dtype),
+            ]
+        )
+        packed.append(
+            xp.astype(
+                xp.concat([scalars, xp.astype(worst, n.dtype), xp.take(a, worst), xp.take(n, worst)]),
+                xp.float64,
             )
         )
-    all_a = xp.concat(finite_a)
-    all_n = xp.concat(finite_n)
+        kept.append((a_kept, n_kept, tol))
+        masks[name] = (~finite, kink)
+        compared[name] = n
+        counts[name] = (k, int(a.shape[0]))
+    all_a, all_n, all_tol = (xp.concat([t[i] for t in kept]) for i in range(3))
     overall = xp.astype(
         xp.stack(
             [
                 xp.linalg.vector_norm(all_a - all_n),
                 xp.linalg.vector_norm(all_a) + xp.linalg.vector_norm(all_n),
+                xp.linalg.vector_norm(all_tol),
             ]
         ),
         xp.float64,
     )
     # Everything the report prints crosses to the host in one transfer (one device sync).
-    host = to_host(xp.concat([overall, *summaries]))
-    values = [float(v) for v in host.tolist()]
+    values = [float(v) for v in to_host(xp.concat([overall, *packed])).tolist()]
 
     def ratio(numerator: float, denominator: float) -> float:
         return numerator / denominator if denominator > 0 else (0.0 if numerator == 0 else math.inf)
 
-    results = {}
-    for i, name in enumerate(parts):
-        num, den, worst, a_at, n_at, n_bad = values[2 + 6 * i : 8 + 6 * i]
+    floor = 4 * float(xp.finfo(all_n.dtype).eps)
+    results, offset = {}, 3
+    for name in parts:
+        k, checked = counts[name]
+        num, den, tol_norm, outliers, n_bad, n_kinks = values[offset : offset + 6]
+        worst_at = [int(v) for v in values[offset + 6 : offset + 6 + k]]
+        top_a = values[offset + 6 + k : offset + 6 + 2 * k]
+        top_n = values[offset + 6 + 2 * k : offset + 6 + 3 * k]
+        offset += 6 + 3 * k
         shape = tuple(parts[name].shape)
-        nonfinite = _indices(nonfinite_masks[name], shape) if n_bad else ()
+
+        def where(flat: int, shape=shape, name=name) -> tuple[int, ...]:
+            if positions == "directions":
+                return (flat,)
+            return _unravel(positions[name][flat] if positions else flat, shape)
+
+        top = tuple(
+            ElementError(where(i), ta, tn, abs(ta - tn), ratio(abs(ta - tn), max(abs(ta), abs(tn))))
+            for i, ta, tn in zip(worst_at, top_a, top_n)
+        )
+        bad, kinks = masks[name]
+        nonfinite = tuple(where(i[0]) for i in _indices(bad, (checked,))) if n_bad else ()
+        kink_list = tuple(where(i[0]) for i in _indices(kinks, (checked,))) if n_kinks else ()
+        difference = ratio(num, den)
+        expected = ratio(tol_norm, den) if estimate is not None else None
         results[name] = ParameterResult(
             name=name,
             shape=shape,
-            difference=ratio(num, den),
-            worst_index=_unravel(int(worst), shape),
-            analytic=a_at,
-            numeric=n_at,
-            threshold=threshold,
+            difference=difference,
+            worst_index=top[0].index,
+            analytic=top[0].analytic,
+            numeric=top[0].numeric,
+            threshold=max(SAFETY * expected, floor) if auto else threshold,
             analytic_grad=analytic[name],
-            numeric_grad=numeric[name],
+            numeric_grad=compared[name] if positions else xp.reshape(compared[name], shape),
             nonfinite=nonfinite,
+            verdict=_verdict(difference, expected, threshold, int(outliers), bool(n_bad), auto, floor),
+            expected=expected,
+            top=top,
+            kinks=kink_list,
+            checked=checked,
         )
-    dtypes = sorted({str(p.dtype).split(".")[-1] for p in parts.values()})
-    evaluations = 2 * sum(r.size for r in results.values())
+    difference = ratio(values[0], values[1])
+    expected = ratio(values[2], values[1]) if estimate is not None else None
+    verdicts = {r.verdict for r in results.values()}
+    if estimate is None:  # the notebook's rule: the overall difference decides
+        nonfinite = any(r.nonfinite for r in results.values())
+        verdict = "pass" if difference <= threshold and not nonfinite else "fail"
+    else:
+        verdict = "fail" if "fail" in verdicts else ("inconclusive" if "inconclusive" in verdicts else "pass")
+    dtypes = sorted({str(p.dtype).split(".")[-1] for p in analytic.values()})
     return Report(
-        difference=ratio(values[0], values[1]),
-        threshold=float(threshold),
-        epsilon=float(epsilon),
+        difference=difference,
+        threshold=max(SAFETY * expected, floor) if auto else float(threshold),
+        epsilon=epsilon,
         mode=mode,
         backend=backend.name,
         device=str(backend.device),
         dtype="/".join(dtypes),
         evaluations=evaluations,
         parameters=MappingProxyType(results),
+        verdict=verdict,
+        expected=expected,
+        order=order,
+        notes=notes,
+        auto_threshold=auto,
     )

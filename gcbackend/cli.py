@@ -1,4 +1,4 @@
-"""The command line: ``gcbackend demo [--backend NAME]`` (also ``python -m gcbackend``)."""
+"""The command line: ``gcbackend demo [--backend NAME] [--plot FILE.png]`` (also ``python -m gcbackend``)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,45 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import check
+from . import NOTEBOOK, check
 from .backends import BACKEND_NAMES
 from .errors import GradCheckError
 from .models import linear, mlp
 
 
-def demo(backend: str, mode: str) -> int:
-    """The notebook, end to end: the 1-D check, then the N-D check with bugs and fixed."""
-    print(f"# 1-D gradient check, J(θ) = θ·x, backend={backend}\n")
+def demo(backend: str, mode: str, plot: str | None = None) -> int:
+    """The notebook, end to end, with its settings; then the same checks with gcbackend's."""
+    print(
+        f"# The course notebook's checks, with its settings (epsilon=1e-7, threshold=2e-7), backend={backend}\n"
+    )
     for x, theta in ((2, 4), (3, 4)):
-        report = check(linear.cost, theta, linear.gradient(theta, x), x, backend=backend, mode=mode)
-        print(f"x = {x}, θ = {theta}: dθ = {x}")
+        print(f"## 1-D: J(θ) = θ·x, x = {x}, θ = {theta}, dθ = {x}")
+        report = check(
+            linear.cost, theta, linear.gradient(theta, x), x, backend=backend, mode=mode, **NOTEBOOK
+        )
         print(report, end="\n\n")
     X, Y, params = mlp.seed_case()
-    print("# N-D gradient check: the fraud-detection net LINEAR→RELU→LINEAR→RELU→LINEAR→SIGMOID")
-    print("# backward propagation with the notebook's planted bugs (dW2 × 2, db1 × 4)\n")
     buggy = mlp.backward_with_planted_bugs(params, X, Y)
-    print(check(mlp.cost, params, buggy, X, Y, backend=backend, mode=mode), end="\n\n")
-    print("# the same check after fixing the backward propagation\n")
-    print(check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, backend=backend, mode=mode))
+    fixed = mlp.backward(params, X, Y)
+    print("## N-D: the fraud-detection net LINEAR→RELU→LINEAR→RELU→LINEAR→SIGMOID")
+    print("## backward propagation with the notebook's planted bugs (dW2 × 2, db1 × 4)")
+    print(check(mlp.cost, params, buggy, X, Y, backend=backend, mode=mode, **NOTEBOOK), end="\n\n")
+    print("## the same check after fixing the backward propagation")
+    print(check(mlp.cost, params, fixed, X, Y, backend=backend, mode=mode, **NOTEBOOK), end="\n\n")
+    print("# gcbackend's defaults: a step per element and a threshold from the measured noise")
+    print("# (epsilon='auto', threshold='auto'): bugs named, correct parameters never over\n")
+    print("## planted bugs")
+    bugged = check(mlp.cost, params, buggy, X, Y, backend=backend, mode=mode)
+    print(bugged, end="\n\n")
+    if plot is not None:
+        from .plot import plot_report
+
+        plot_report(bugged).savefig(plot, dpi=120)
+        print(f"wrote the pictures of this check to {plot}", end="\n\n")
+    print("## fixed")
+    print(check(mlp.cost, params, fixed, X, Y, backend=backend, mode=mode), end="\n\n")
+    print("## the fast screen: 8 random directions per tensor, 4·8·6 + 1 evaluations whatever N is")
+    print(check(mlp.cost, params, buggy, X, Y, backend=backend, mode="directions"))
     return 0
 
 
@@ -34,11 +53,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("demo", help="run the course notebook's checks and print the reports")
     run.add_argument("--backend", default="numpy", help=f"one of {', '.join(BACKEND_NAMES)} (default numpy)")
-    run.add_argument("--mode", default="stacked", choices=("stacked", "loop"))
+    run.add_argument(
+        "--mode", default="stacked", choices=("stacked", "loop"), help="how the ±ε rows are evaluated"
+    )
+    run.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also save pictures of the check with the planted bugs (needs 'gcbackend[plot]')",
+    )
     options = parser.parse_args(argv)
+    if options.plot is not None:
+        from .plot import require_matplotlib
+
+        try:  # before any check runs: a missing extra should not cost the whole demo
+            require_matplotlib()
+        except ImportError as exc:
+            print(f"gcbackend: error: {exc}", file=sys.stderr)
+            return 2
     try:
-        return demo(options.backend, options.mode)
-    except GradCheckError as exc:
+        return demo(options.backend, options.mode, options.plot)
+    except (GradCheckError, OSError) as exc:  # OSError: the picture could not be written
         print(f"gcbackend: error: {exc}", file=sys.stderr)
         return 2
 

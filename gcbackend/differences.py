@@ -110,7 +110,7 @@ def estimate(
         elements=elements,
         directions=directions,
     )
-    center = xp.reshape(xp.asarray(cost(layout.wrap(dict(parts)), *args)), ())
+    center = engine.evaluate_center(cost, layout.wrap(dict(parts)), args, xp=xp)
     numeric, error, kink, low, high, fourth, pieces = {}, {}, {}, {}, {}, {}, {}
     for name, costs in grid.items():
         if directions is not None:

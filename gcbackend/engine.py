@@ -32,6 +32,7 @@ __all__ = [
     "central_differences",
     "coordinate_rows",
     "direction_rows",
+    "evaluate_center",
     "evaluate_rows",
     "stencil_costs",
 ]
@@ -147,6 +148,12 @@ def evaluate_rows(
         out = _call(cost, params, args, name=name, start=start, stop=stop, stacked=True)
         costs.append(_as_costs(out, (stop - start,), xp=xp, name=name, start=start, stop=stop, stacked=True))
     return costs[0] if len(costs) == 1 else xp.concat(costs)
+
+
+def evaluate_center(cost: Callable[..., Any], params: Any, args: tuple[Any, ...], *, xp: ModuleType) -> Any:
+    """J(θ) itself, as a 0-d array, with the same error handling as the perturbed rows."""
+    out = _call(cost, params, args, name="(none: J at θ)", start=0, stop=1, stacked=False)
+    return _as_costs(out, (), xp=xp, name="(none: J at θ)", start=0, stop=1, stacked=False)
 
 
 def coordinate_rows(

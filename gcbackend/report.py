@@ -6,23 +6,43 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ParameterResult", "Report"]
+__all__ = ["VERDICTS", "ElementError", "ParameterResult", "Report"]
 
 PASS_SENTENCE = "Your backward propagation works perfectly fine!"
 FAIL_SENTENCE = "There is a mistake in the backward propagation!"
+INCONCLUSIVE_SENTENCE = "The gradient check is inconclusive!"
+VERDICTS = ("pass", "fail", "inconclusive")
+
+
+@dataclass(frozen=True)
+class ElementError:
+    """One checked value: where it is, both sides, and how far apart.
+
+    ``index`` indexes the parameter's shape (for ``mode="directions"``: ``(k,)``, the k-th
+    random direction). ``relative`` is |analytic − numeric| / max(|analytic|, |numeric|).
+    """
+
+    index: tuple[int, ...]
+    analytic: float
+    numeric: float
+    absolute: float
+    relative: float
 
 
 @dataclass(frozen=True)
 class ParameterResult:
     """One parameter's comparison.
 
-    ``difference`` is formula (2) over this parameter alone. ``worst_index`` indexes the
-    parameter's shape at the element with the largest |analytic − numeric|, and ``analytic``
-    / ``numeric`` are the two values there (Python floats). ``analytic_grad`` and
-    ``numeric_grad`` are the full arrays, on the backend and device the check ran on.
-    ``nonfinite`` lists the indices where the finite difference is NaN or Inf (the cost
-    returned NaN/Inf at θ ± ε): they are left out of ``difference`` and ``worst_index``,
-    and a parameter with any of them does not pass.
+    ``difference`` is formula (2) over this parameter's checked values. ``verdict`` is
+    ``"pass"``, ``"fail"`` or ``"inconclusive"``; ``expected`` the difference a correct
+    gradient would show at this step and precision (estimated from the same stacked pass;
+    ``None`` with a fixed epsilon and threshold, the notebook's way), and ``threshold`` the
+    difference this parameter was held to. ``top`` lists the worst checked values, worst
+    first; ``worst_index``, ``analytic`` and ``numeric`` repeat the worst of them.
+    ``analytic_grad`` and ``numeric_grad`` are the arrays compared, on the backend and
+    device the check ran on (flat, for sampled and directional checks). ``kinks`` lists the
+    elements at a kink, judged as subgradients; ``nonfinite`` the elements whose finite
+    difference is NaN or Inf (left out of ``difference``; the parameter fails).
     """
 
     name: str
@@ -35,10 +55,15 @@ class ParameterResult:
     analytic_grad: Any = field(repr=False, compare=False)
     numeric_grad: Any = field(repr=False, compare=False)
     nonfinite: tuple[tuple[int, ...], ...] = ()
+    verdict: str = "pass"
+    expected: float | None = None
+    top: tuple[ElementError, ...] = ()
+    kinks: tuple[tuple[int, ...], ...] = ()
+    checked: int = 0
 
     @property
     def passed(self) -> bool:
-        return self.difference <= self.threshold and not self.nonfinite
+        return self.verdict == "pass"
 
     @property
     def size(self) -> int:
@@ -53,29 +78,38 @@ class Report:
     """The result of ``gcbackend.check``.
 
     ``difference`` is formula (2), ‖grad − gradapprox‖₂ / (‖grad‖₂ + ‖gradapprox‖₂), over all
-    parameters; ``passed`` is ``difference <= threshold`` and no finite difference was NaN or
-    Inf. ``parameters`` maps each name to its ``ParameterResult``, in the user's order.
-    ``str(report)`` is a table and a verdict.
+    checked values. ``verdict`` is ``"pass"``, ``"fail"`` or ``"inconclusive"``: with a fixed
+    epsilon and threshold (the notebook's way) it is ``difference <= threshold``; otherwise a
+    parameter failing fails the check, and one whose noise floor is too high to tell makes it
+    inconclusive. ``expected`` is the difference a correct gradient would show (``None`` in
+    the notebook's way). ``parameters`` maps each name to its ``ParameterResult``, in the
+    user's order. ``notes`` says what was done beyond the obvious (upcasting, sampling).
+    ``str(report)`` is a table and the verdict in words.
     """
 
     difference: float
     threshold: float
-    epsilon: float
+    epsilon: float | str
     mode: str
     backend: str
     device: str
     dtype: str
     evaluations: int
     parameters: Mapping[str, ParameterResult]
+    verdict: str = "pass"
+    expected: float | None = None
+    order: int = 2
+    notes: tuple[str, ...] = ()
+    auto_threshold: bool = False
 
     @property
     def passed(self) -> bool:
-        return self.difference <= self.threshold and not any(p.nonfinite for p in self.parameters.values())
+        return self.verdict == "pass"
 
     @property
     def faults(self) -> tuple[str, ...]:
-        """Parameters whose own difference exceeds the threshold, worst first."""
-        failing = [p for p in self.parameters.values() if not p.passed]
+        """Parameters whose own verdict is fail, worst first."""
+        failing = [p for p in self.parameters.values() if p.verdict == "fail"]
         return tuple(p.name for p in sorted(failing, key=lambda p: -p.difference))
 
     @property
@@ -83,56 +117,106 @@ class Report:
         return sum(p.size for p in self.parameters.values())
 
     def __str__(self) -> str:
-        header = ("parameter", "shape", "difference", "", "worst index", "analytic", "numeric")
+        header = (
+            "parameter",
+            "shape",
+            "difference",
+            "expected",
+            "verdict",
+            "worst index",
+            "analytic",
+            "numeric",
+        )
+
+        def expected(value: float | None) -> str:
+            return "" if value is None else f"{value:.1e}"
+
         rows = [
             (
                 p.name,
                 str(p.shape),
                 f"{p.difference:.3e}",
-                "ok" if p.passed else ("NaN/Inf" if p.nonfinite else "OVER"),
+                expected(p.expected),
+                p.verdict + (" (NaN/Inf)" if p.nonfinite else ""),
                 str(p.worst_index),
                 f"{p.analytic:.9g}",
                 f"{p.numeric:.9g}",
             )
             for p in self.parameters.values()
         ]
-        overall = "ok" if self.passed else ("OVER" if self.difference > self.threshold else "NaN/Inf")
-        rows.append(("all", f"N={self.size}", f"{self.difference:.3e}", overall, "", "", ""))
+        rows.append(
+            (
+                "all",
+                f"N={self.size}",
+                f"{self.difference:.3e}",
+                expected(self.expected),
+                self.verdict,
+                "",
+                "",
+                "",
+            )
+        )
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
         def line(cells):
             return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
+        epsilon = self.epsilon if isinstance(self.epsilon, str) else f"{self.epsilon:g}"
+        threshold = f"auto ({self.threshold:.1e})" if self.auto_threshold else f"{self.threshold:g}"
         lines = [
             f"gradient check: backend {self.backend} on {self.device}, {self.dtype}, "
-            f"epsilon={self.epsilon:g}, threshold={self.threshold:g}, mode={self.mode}, "
+            f"epsilon={epsilon}, threshold={threshold}, order={self.order}, mode={self.mode}, "
             f"{self.evaluations} cost evaluations",
             line(header),
             line(["-" * w for w in widths]),
             *(line(r) for r in rows),
         ]
-        if self.passed:
+        if self.verdict == "pass":
             lines.append(f"{PASS_SENTENCE} difference = {self.difference!r}")
-            if self.faults:
+            over = [p.name for p in self.parameters.values() if p.verdict != "pass"]
+            if over:
                 lines.append(
-                    "Per parameter over the threshold (at this epsilon, likely rounding noise "
-                    "of the finite differences): " + ", ".join(self._named(self.faults))
+                    "Per parameter over the threshold (at this epsilon, likely rounding noise of the "
+                    "finite differences; epsilon='auto' tells noise from bugs): "
+                    + ", ".join(self._named(over))
                 )
-        else:
+        elif self.verdict == "fail":
             lines.append(f"{FAIL_SENTENCE} difference = {self.difference!r}")
             culprits = self.faults or tuple(
                 sorted(self.parameters, key=lambda n: -self.parameters[n].difference)[:1]
             )
             lines.append("Parameters at fault, worst first: " + ", ".join(self._named(culprits)))
+            for name in culprits:
+                for e in self.parameters[name].top:
+                    lines.append(
+                        f"  {name}{list(e.index)}: analytic {e.analytic:.9g}, numeric {e.numeric:.9g}, "
+                        f"|error| {e.absolute:.3g}, relative {e.relative:.3g}"
+                    )
+        else:
+            vague = [p.name for p in self.parameters.values() if p.verdict == "inconclusive"]
+            lines.append(
+                f"{INCONCLUSIVE_SENTENCE} difference = {self.difference!r}; the finite differences "
+                f"are too noisy at this precision to tell for {', '.join(vague)} (a correct gradient "
+                "would show the 'expected' column). Try float64, order=4, or a larger epsilon."
+            )
         for p in self.parameters.values():
+            if p.kinks:
+                lines.append(
+                    f"{p.name}: {len(p.kinks)} element(s) at a kink, judged as subgradients "
+                    f"(the one-sided slopes bracket the gradient): {_listed(p.kinks)}"
+                )
             if p.nonfinite:
-                shown = ", ".join(map(str, p.nonfinite[:8]))
-                more = f" and {len(p.nonfinite) - 8} more" if len(p.nonfinite) > 8 else ""
                 lines.append(
                     f"{p.name}: the cost returned NaN or Inf at θ ± ε for {len(p.nonfinite)} of "
-                    f"{p.size} elements, left out of the differences: {shown}{more}"
+                    f"{p.size} elements, left out of the differences: {_listed(p.nonfinite, 8)}"
                 )
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
     def _named(self, names) -> list[str]:
         return [f"{n} (difference {self.parameters[n].difference:.2g})" for n in names]
+
+
+def _listed(indices: tuple[tuple[int, ...], ...], most: int = 8) -> str:
+    shown = ", ".join(map(str, indices[:most]))
+    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")

@@ -29,7 +29,9 @@ def test_unknown_name_lists_the_valid_ones():
 
 def test_cupy_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # hide it, installed or not
-    with pytest.raises(gc.BackendUnavailableError, match=r"CuPy is not installed \(pip install 'gcbackend\[cuda12\]"):
+    with pytest.raises(
+        gc.BackendUnavailableError, match=r"CuPy is not installed \(pip install 'gcbackend\[cuda12\]"
+    ):
         gc.check(lambda p: p * 2.0, 1.0, 2.0, backend="cupy")
 
 
@@ -50,7 +52,9 @@ def _fake_cupy(count=None, error=None):
 def test_cupy_installed_without_a_device(monkeypatch):
     message = "cudaErrorNoDevice: no CUDA-capable device is detected"
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(error=message))
-    with pytest.raises(gc.BackendUnavailableError, match="CuPy is installed but no CUDA device is usable") as info:
+    with pytest.raises(
+        gc.BackendUnavailableError, match="CuPy is installed but no CUDA device is usable"
+    ) as info:
         gc.check(lambda p: p * 2.0, 1.0, 2.0, backend="cupy")
     assert message in str(info.value)
     assert isinstance(info.value, ImportError)
@@ -64,7 +68,9 @@ def test_cupy_installed_with_zero_devices(monkeypatch):
 
 def test_torch_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(gc.BackendUnavailableError, match=r"PyTorch is not installed \(pip install 'gcbackend\[torch\]'\)"):
+    with pytest.raises(
+        gc.BackendUnavailableError, match=r"PyTorch is not installed \(pip install 'gcbackend\[torch\]'\)"
+    ):
         resolve("torch", [])
 
 
@@ -127,7 +133,7 @@ def test_mixed_libraries_accepted_with_a_named_backend():
     torch = pytest.importorskip("torch")
     from gcbackend.models import linear
 
-    report = gc.check(linear.cost, np.asarray(4.0), torch.asarray(2.0), 2.0, backend="numpy")
+    report = gc.check(linear.cost, np.asarray(4.0), torch.asarray(2.0), 2.0, backend="numpy", **gc.NOTEBOOK)
     assert report.difference == 2.919335883291695e-10
 
 

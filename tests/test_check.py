@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from helpers import assert_bitwise_equal, assert_on, host, snapshot
@@ -11,12 +13,15 @@ from gcbackend.models import linear, mlp
 
 EPS64 = float(np.finfo(np.float64).eps)
 
+# The notebook's settings: these tests pin its numbers, rows and error paths.
+check = functools.partial(gc.check, **gc.NOTEBOOK)
+
 
 @pytest.mark.parametrize(("x", "expected"), [(2, 2.919335883291695e-10), (3, 7.814075313343006e-11)])
 @pytest.mark.parametrize("mode", ["stacked", "loop"])
 def test_one_dimensional_matches_notebook(backend, x, expected, mode):
     theta = 4
-    report = gc.check(
+    report = check(
         linear.cost, theta, linear.gradient(theta, x), x, backend=backend.xp, device=backend.device, mode=mode
     )
     # θ ± ε are formed exactly as in the notebook and J = θx is one multiplication: the
@@ -35,7 +40,7 @@ def test_one_dimensional_on_backend_arrays(backend):
     xp = backend.xp
     theta = xp.asarray(4.0, dtype=xp.float64, device=backend.device)
     x = xp.asarray(2.0, dtype=xp.float64, device=backend.device)
-    report = gc.check(linear.cost, theta, linear.gradient(theta, x), x)
+    report = check(linear.cost, theta, linear.gradient(theta, x), x)
     assert report.difference == 2.919335883291695e-10
     assert report.backend == backend.name and report.device == str(backend.device)
 
@@ -44,7 +49,7 @@ def test_one_dimensional_on_backend_arrays(backend):
 def test_seed_case_with_planted_bugs(backend, mode):
     X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
     grads = mlp.backward_with_planted_bugs(params, X, Y)
-    report = gc.check(mlp.cost, params, grads, X, Y, mode=mode)
+    report = check(mlp.cost, params, grads, X, Y, mode=mode)
     assert report.difference == pytest.approx(0.2850931567761623, rel=1e-8)
     assert not report.passed
     assert report.faults[:2] == ("b1", "W2")
@@ -67,7 +72,7 @@ def test_seed_case_with_planted_bugs(backend, mode):
 def test_seed_case_correct_backprop(backend, mode):
     X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
     grads = mlp.backward(params, X, Y)
-    report = gc.check(mlp.cost, params, grads, X, Y, mode=mode)
+    report = check(mlp.cost, params, grads, X, Y, mode=mode)
     assert np.isclose(report.difference, 1.1890913024229996e-07)  # the notebook's own assertion
     assert report.passed
     assert "Your backward propagation works perfectly fine!" in str(report)
@@ -81,7 +86,7 @@ def test_seed_case_correct_backprop(backend, mode):
 def test_numpy_inputs_moved_to_the_chosen_backend(backend):
     X, Y, params = mlp.seed_case()  # NumPy arrays
     grads = mlp.backward(params, X, Y)
-    report = gc.check(mlp.cost, params, grads, X, Y, backend=backend.xp, device=backend.device)
+    report = check(mlp.cost, params, grads, X, Y, backend=backend.xp, device=backend.device)
     assert report.backend == backend.name
     assert_on(report.parameters["W2"].numeric_grad, backend)
     assert np.isclose(report.difference, 1.1890913024229996e-07)  # the notebook's own assertion
@@ -92,7 +97,7 @@ def test_notebook_gradient_keys(backend):
     X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
     grads = {"d" + k: v for k, v in mlp.backward_with_planted_bugs(params, X, Y).items()}
     grads.update(dZ3=X, dA2=X, dZ2=X, dA1=X, dZ1=X)
-    report = gc.check(mlp.cost, params, grads, X, Y)
+    report = check(mlp.cost, params, grads, X, Y)
     assert report.difference == pytest.approx(0.2850931567761623, rel=1e-8)
 
 
@@ -101,7 +106,7 @@ def test_user_arrays_bitwise_unchanged(backend):
     grads = mlp.backward_with_planted_bugs(params, X, Y)
     saved = snapshot(params), snapshot(grads), snapshot(X), snapshot(Y)
     for mode in ("stacked", "loop"):
-        report = gc.check(mlp.cost, params, grads, X, Y, mode=mode, memory_budget=8 * 20)
+        report = check(mlp.cost, params, grads, X, Y, mode=mode, memory_budget=8 * 20)
         assert not report.passed
     assert_bitwise_equal(params, saved[0])
     assert_bitwise_equal(grads, saved[1])
@@ -113,7 +118,7 @@ def test_report_holds_no_views_of_user_arrays(backend):
     xp = backend.xp
     X, Y, params = mlp.seed_case()
     grads = mlp.backward(params, X, Y)
-    report = gc.check(mlp.cost, params, grads, X, Y, backend=xp, device=backend.device)
+    report = check(mlp.cost, params, grads, X, Y, backend=xp, device=backend.device)
     before = host(report.parameters["W1"].analytic_grad)
     grads["W1"][...] = 1e6  # the user reuses their buffer
     assert host(report.parameters["W1"].analytic_grad).tobytes() == before.tobytes()
@@ -121,7 +126,7 @@ def test_report_holds_no_views_of_user_arrays(backend):
 
 def test_report_is_frozen_and_typed(backend):
     X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
-    report = gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y)
+    report = check(mlp.cost, params, mlp.backward(params, X, Y), X, Y)
     assert type(report.difference) is float and type(report.passed) is bool
     assert report.threshold == 2e-7 and report.epsilon == 1e-7
     assert list(report.parameters) == list(params)
@@ -136,8 +141,8 @@ def test_report_is_frozen_and_typed(backend):
 def test_threshold_decides_the_verdict(backend):
     X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
     grads = mlp.backward(params, X, Y)
-    strict = gc.check(mlp.cost, params, grads, X, Y, threshold=1e-7)
-    loose = gc.check(mlp.cost, params, grads, X, Y, threshold=1e-6)
+    strict = check(mlp.cost, params, grads, X, Y, threshold=1e-7)
+    loose = check(mlp.cost, params, grads, X, Y, threshold=1e-6)
     assert not strict.passed and loose.passed
     assert strict.difference == loose.difference
     assert "There is a mistake" in str(strict)
@@ -146,7 +151,7 @@ def test_threshold_decides_the_verdict(backend):
 def test_wider_epsilon_separates_noise_from_bugs(backend):
     """At ε = 1e-4 every correct parameter is far below 2e-7 and only the bugs fail."""
     X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
-    report = gc.check(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, epsilon=1e-4)
+    report = check(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, epsilon=1e-4)
     assert set(report.faults) == {"W2", "b1"}
     assert max(p.difference for n, p in report.parameters.items() if n not in ("W2", "b1")) < 1e-8
 
@@ -161,11 +166,11 @@ def test_localises_a_single_wrong_element(backend, dtype):
     wrong[2, 3] += 0.5 + abs(wrong[2, 3])
     grads["W2"] = wrong
     epsilon = 1e-3 if dtype == "float32" else 1e-6
-    report = gc.check(
-        mlp.cost, params, grads, X, Y, backend=backend.xp, device=backend.device, epsilon=epsilon
-    )
+    report = check(mlp.cost, params, grads, X, Y, backend=backend.xp, device=backend.device, epsilon=epsilon)
     assert report.faults[0] == "W2"
     assert report.parameters["W2"].worst_index == (2, 3)
     assert report.parameters["W2"].analytic == pytest.approx(float(wrong[2, 3]), rel=1e-6)
     assert report.dtype == dtype
-    assert str(report.parameters["W2"].numeric_grad.dtype).endswith(dtype)
+    # float32 parameters are evaluated in float64 (upcast=True), and the report says so.
+    assert str(report.parameters["W2"].numeric_grad.dtype).endswith("float64")
+    assert any("evaluated in float64" in note for note in report.notes) == (dtype == "float32")

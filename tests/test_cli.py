@@ -16,11 +16,21 @@ def test_demo_prints_the_notebooks_numbers(capsys):
     out = capsys.readouterr().out
     assert "difference = 2.919335883291695e-10" in out
     assert "difference = 7.814075313343006e-11" in out
-    bugged = float(re.search(r"There is a mistake in the backward propagation! difference = (\S+)", out).group(1))
+    bugged = float(
+        re.search(r"There is a mistake in the backward propagation! difference = (\S+)", out).group(1)
+    )
     assert bugged == pytest.approx(0.2850931567761623, rel=1e-8)
-    fixed = float(re.search(r"(?s)after fixing.*works perfectly fine! difference = (\S+)", out).group(1))
+    fixed = float(re.search(r"(?s)after fixing.*?works perfectly fine! difference = (\S+)", out).group(1))
     assert fixed == pytest.approx(1.1890913024229996e-07, rel=1e-5)
-    assert re.search(r"Parameters at fault, worst first: b1 \(difference 0\.6\), W2 \(difference 0\.33\)", out)
+    assert re.search(
+        r"Parameters at fault, worst first: b1 \(difference 0\.6\), W2 \(difference 0\.33\)", out
+    )
+    # gcbackend's defaults: only the planted bugs fail, the fast screen finds both too.
+    defaults = out[out.index("# gcbackend's defaults") :]
+    assert (
+        defaults.count("Parameters at fault, worst first: b1 (difference 0.6), W2 (difference 0.33)\n") == 2
+    )
+    assert "b3 (difference" not in defaults
 
 
 def test_demo_on_another_backend(capsys):

@@ -7,6 +7,7 @@ names the offending parameter or argument (and, where there is one, the fix).
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -18,6 +19,9 @@ from helpers import assert_bitwise_equal, assert_on, host, snapshot
 import gcbackend as gc
 from gcbackend.backends import to_backend
 from gcbackend.models import mlp
+
+# The notebook's settings: these tests pin its numbers, rows and error paths.
+check = functools.partial(gc.check, **gc.NOTEBOOK)
 
 
 def _case(backend, *, bugs=False):
@@ -38,7 +42,7 @@ def test_grads_missing_a_parameter(backend):
     X, Y, params, grads = _case(backend)
     del grads["b2"]
     with pytest.raises(gc.InputError, match=r"no gradient for parameter 'b2'") as info:
-        gc.check(mlp.cost, params, grads, X, Y)
+        check(mlp.cost, params, grads, X, Y)
     assert "grads['db2']" in str(info.value)  # the fix: both accepted spellings
 
 
@@ -46,17 +50,17 @@ def test_parameter_like_extra_key(backend):
     X, Y, params, grads = _case(backend)
     grads = {"d" + k: v for k, v in grads.items()}
     grads["dZ3"] = X  # the notebook's cache entries: ignored
-    gc.check(mlp.cost, params, grads, X, Y)
+    check(mlp.cost, params, grads, X, Y)
     grads["dW4"] = X  # a gradient for a parameter params lacks: params and grads disagree
     with pytest.raises(gc.InputError, match=r"grads\['dW4'\] looks like the gradient of a parameter 'W4'"):
-        gc.check(mlp.cost, params, grads, X, Y)
+        check(mlp.cost, params, grads, X, Y)
 
 
 def test_misshaped_gradient_names_both_shapes(backend):
     X, Y, params, grads = _case(backend)
     grads["W2"] = backend.xp.matrix_transpose(grads["W2"])
     with pytest.raises(gc.InputError) as info:
-        gc.check(mlp.cost, params, grads, X, Y)
+        check(mlp.cost, params, grads, X, Y)
     message = str(info.value)
     assert "grads['W2']" in message and "params['W2']" in message
     assert "(5, 3)" in message and "(3, 5)" in message
@@ -73,7 +77,7 @@ def test_unsupported_dtype(backend, where, dtype):
     else:
         tree["W1"] = xp.astype(tree["W1"] > 0, getattr(xp, dtype))
     with pytest.raises(gc.InputTypeError) as info:
-        gc.check(mlp.cost, params, grads, X, Y)
+        check(mlp.cost, params, grads, X, Y)
     assert isinstance(info.value, TypeError) and isinstance(info.value, gc.InputError)
     message = str(info.value)
     assert f"{where}['W1']" in message
@@ -83,7 +87,7 @@ def test_unsupported_dtype(backend, where, dtype):
 @pytest.mark.parametrize("value", [True, 1j])
 def test_python_bool_or_complex_refused(value):
     with pytest.raises(gc.InputTypeError, match="params must be an array or a real number"):
-        gc.check(lambda theta: theta, value, 1.0)
+        check(lambda theta: theta, value, 1.0)
 
 
 @pytest.mark.parametrize("where", ["params", "grads"])
@@ -98,12 +102,12 @@ def test_nonfinite_input_names_parameter_and_first_index(backend, where, bad):
     with pytest.raises(
         gc.InputError, match=rf"{where}\['W2'\] contains NaN or Inf \(first at index \(1, 2\)\)"
     ):
-        gc.check(mlp.cost, params, grads, X, Y)
+        check(mlp.cost, params, grads, X, Y)
 
 
 def test_empty_params():
     with pytest.raises(gc.InputError, match="params is empty"):
-        gc.check(mlp.cost, {}, {})
+        check(mlp.cost, {}, {})
 
 
 def test_empty_tensor(backend):
@@ -112,7 +116,7 @@ def test_empty_tensor(backend):
     params["W4"] = xp.zeros((0, 3), dtype=xp.float64, device=backend.device)
     grads["W4"] = xp.zeros((0, 3), dtype=xp.float64, device=backend.device)
     with pytest.raises(gc.InputError, match=r"params\['W4'\] has shape \(0, 3\), no elements"):
-        gc.check(mlp.cost, params, grads, X, Y)
+        check(mlp.cost, params, grads, X, Y)
 
 
 def test_python_list_refused():
@@ -120,23 +124,23 @@ def test_python_list_refused():
     X, Y, params = mlp.seed_case()
     grads = mlp.backward(params, X, Y)
     with pytest.raises(gc.InputTypeError, match=r"params\['W1'\] is a Python list; pass an array"):
-        gc.check(mlp.cost, {**params, "W1": params["W1"].tolist()}, grads, X, Y)
+        check(mlp.cost, {**params, "W1": params["W1"].tolist()}, grads, X, Y)
     with pytest.raises(gc.InputTypeError, match=r"grads\['b3'\] is a Python list; pass an array"):
-        gc.check(mlp.cost, params, {**grads, "b3": [[0.1]]}, X, Y)
+        check(mlp.cost, params, {**grads, "b3": [[0.1]]}, X, Y)
     with pytest.raises(gc.InputTypeError, match="params is a Python list; pass an array"):
-        gc.check(lambda theta, x: theta @ x, [1.0, 2.0], np.ones(2), np.ones(2))
+        check(lambda theta, x: theta @ x, [1.0, 2.0], np.ones(2), np.ones(2))
 
 
 def test_params_and_grads_of_different_structure():
     with pytest.raises(gc.InputTypeError, match="params is a mapping but grads is a ndarray"):
-        gc.check(mlp.cost, {"W1": np.ones((1, 1))}, np.ones((1, 1)))
+        check(mlp.cost, {"W1": np.ones((1, 1))}, np.ones((1, 1)))
     with pytest.raises(gc.InputTypeError, match="params is a single array/number but grads is a mapping"):
-        gc.check(lambda theta: theta, 1.0, {"theta": 1.0})
+        check(lambda theta: theta, 1.0, {"theta": 1.0})
 
 
 def test_cost_not_callable():
     with pytest.raises(gc.InputTypeError, match="cost must be callable"):
-        gc.check("cost", 1.0, 1.0)
+        check("cost", 1.0, 1.0)
 
 
 # --------------------------------------------------------------------------- options
@@ -144,12 +148,12 @@ def test_cost_not_callable():
 
 @pytest.mark.parametrize("epsilon", [0, 0.0, -1e-7, math.nan, math.inf, "1e-7", True, None])
 def test_invalid_epsilon(epsilon):
-    with pytest.raises(gc.InputError, match=r"epsilon=.* must be a finite number > 0"):
-        gc.check(lambda theta: theta, 1.0, 1.0, epsilon=epsilon)
+    with pytest.raises(gc.InputError, match=r"epsilon=.* must be .auto. or a finite number > 0"):
+        check(lambda theta: theta, 1.0, 1.0, epsilon=epsilon)
 
 
 def test_numpy_scalar_options_accepted():
-    report = gc.check(
+    report = check(
         lambda theta: theta * theta,
         3.0,
         6.0,
@@ -165,7 +169,7 @@ def test_epsilon_too_small_for_the_dtype(backend, dtype, epsilon):
     X, Y, params = mlp.random_case([3, 2, 1], 4, dtype=dtype, xp=backend.xp, device=backend.device)
     grads = mlp.backward(params, X, Y)
     with pytest.raises(gc.InputError) as info:
-        gc.check(mlp.cost, params, grads, X, Y, epsilon=epsilon)
+        check(mlp.cost, params, grads, X, Y, epsilon=epsilon)
     message = str(info.value)
     assert f"epsilon={epsilon:g} is too small for params['W1'] in" in message
     assert (
@@ -177,30 +181,30 @@ def test_epsilon_too_small_names_only_the_stuck_elements(backend):
     # ε = 1e-7 moves 1e-3 but not 1e10 (its float64 spacing is ~2e-6): only (0, 1) is stuck.
     theta = _on(backend, [[1e-3, 1e10, 2.0]])
     with pytest.raises(gc.InputError, match=r"rounds back to θ at 1 of 3 elements \(\(0, 1\)\)"):
-        gc.check(lambda t: backend.xp.sum(t, axis=(-2, -1)), {"W": theta}, {"W": theta})
+        check(lambda t: backend.xp.sum(t, axis=(-2, -1)), {"W": theta}, {"W": theta})
 
 
 def test_epsilon_overflowing_the_dtype(backend):
     X, Y, params = mlp.random_case([3, 2, 1], 4, dtype="float32", xp=backend.xp, device=backend.device)
     with pytest.raises(gc.InputError, match=r"epsilon=1e\+39 overflows float32 .* params\['W1'\]"):
-        gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, epsilon=1e39)
+        check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, epsilon=1e39)
 
 
 @pytest.mark.parametrize("threshold", [0, -2e-7, math.nan, math.inf, "2e-7"])
 def test_invalid_threshold(threshold):
-    with pytest.raises(gc.InputError, match=r"threshold=.* must be a finite number > 0"):
-        gc.check(lambda theta: theta, 1.0, 1.0, threshold=threshold)
+    with pytest.raises(gc.InputError, match=r"threshold=.* must be .auto. or a finite number > 0"):
+        check(lambda theta: theta, 1.0, 1.0, threshold=threshold)
 
 
 @pytest.mark.parametrize("mode", ["fast", "Stacked", None])
 def test_unknown_mode(mode):
     with pytest.raises(gc.InputError, match=rf"mode={mode!r} is unknown; use one of 'stacked', 'loop'"):
-        gc.check(lambda theta: theta, 1.0, 1.0, mode=mode)
+        check(lambda theta: theta, 1.0, 1.0, mode=mode)
 
 
 def test_unknown_backend_lists_the_valid_ones():
     with pytest.raises(gc.InputError, match="backend='tensorflow' is unknown") as info:
-        gc.check(lambda theta: theta, 1.0, 1.0, backend="tensorflow")
+        check(lambda theta: theta, 1.0, 1.0, backend="tensorflow")
     for name in gc.BACKEND_NAMES:
         assert name in str(info.value)
 
@@ -210,7 +214,7 @@ def test_backend_not_installed(monkeypatch):
     with pytest.raises(
         gc.BackendUnavailableError, match=r"backend='cupy': CuPy is not installed \(pip install"
     ):
-        gc.check(lambda theta: theta, 1.0, 1.0, backend="cupy")
+        check(lambda theta: theta, 1.0, 1.0, backend="cupy")
 
 
 def test_arrays_of_two_libraries():
@@ -219,7 +223,7 @@ def test_arrays_of_two_libraries():
     grads = mlp.backward(params, X, Y)
     params["W2"] = torch.asarray(params["W2"])
     with pytest.raises(gc.InputTypeError, match=r"mix arrays of several libraries \(numpy, torch\)") as info:
-        gc.check(mlp.cost, params, grads, X, Y)
+        check(mlp.cost, params, grads, X, Y)
     assert "backend=" in str(info.value)  # the fix
 
 
@@ -229,7 +233,7 @@ def test_arrays_on_two_devices():
     grads = mlp.backward(params, X, Y)
     params["W2"] = strict.asarray(params["W2"], device=strict.Device("device1"))
     with pytest.raises(gc.InputError, match="several devices") as info:
-        gc.check(mlp.cost, params, grads, X, Y)
+        check(mlp.cost, params, grads, X, Y)
     assert "device1" in str(info.value) and "CPU_DEVICE" in str(info.value)
     assert "device=" in str(info.value)  # the fix
 
@@ -246,15 +250,15 @@ def test_memory_budget_too_small_for_one_row(backend):
     with pytest.raises(
         gc.InputError, match=r"memory_budget=159 .* params\['W1'\].* at least memory_budget=160"
     ):
-        gc.check(cost, params, grads, X, Y, memory_budget=159)
+        check(cost, params, grads, X, Y, memory_budget=159)
     assert not calls  # refused before any cost evaluation
-    assert gc.check(cost, params, grads, X, Y, memory_budget=160).passed
+    assert check(cost, params, grads, X, Y, memory_budget=160).passed
 
 
 @pytest.mark.parametrize("budget", [0, -1, 1.5, True, "1GB"])
 def test_invalid_memory_budget(budget):
     with pytest.raises(gc.InputError, match=r"memory_budget=.* must be a positive number of bytes"):
-        gc.check(lambda theta: theta, 1.0, 1.0, memory_budget=budget)
+        check(lambda theta: theta, 1.0, 1.0, memory_budget=budget)
 
 
 # --------------------------------------------------------------------------- the cost
@@ -270,7 +274,7 @@ def _sum_over_everything(params, X, Y):
 def test_cost_non_scalar_in_loop_mode(backend):
     X, Y, params, grads = _case(backend)
     with pytest.raises(gc.CostError) as info:
-        gc.check(lambda p, X, Y: mlp.cost(p, X, Y)[None], params, grads, X, Y, mode="loop")
+        check(lambda p, X, Y: mlp.cost(p, X, Y)[None], params, grads, X, Y, mode="loop")
     message = str(info.value)
     assert "shape (1,)" in message and "expected shape ()" in message
     assert "'W1'" in message and "must return a scalar" in message
@@ -279,20 +283,20 @@ def test_cost_non_scalar_in_loop_mode(backend):
 def test_cost_wrong_shape_for_a_stacked_batch(backend):
     X, Y, params, grads = _case(backend)
     with pytest.raises(gc.CostError) as info:
-        gc.check(_sum_over_everything, params, grads, X, Y)
+        check(_sum_over_everything, params, grads, X, Y)
     message = str(info.value)
     assert "the cost returned shape ()" in message and "perturbing parameter 'W1'" in message
     assert "leading batch axis" in message and "broadcast" in message  # the contract
     assert "mode='loop'" in message  # the way out
     # ... and the way out works.
-    report = gc.check(_sum_over_everything, params, grads, X, Y, mode="loop")
+    report = check(_sum_over_everything, params, grads, X, Y, mode="loop")
     assert np.isclose(report.difference, 1.1890913024229996e-07)
 
 
 def test_cost_returning_a_tuple(backend):
     X, Y, params, grads = _case(backend)
     with pytest.raises(gc.CostError, match=r"returned a tuple of 2 items .*'W1'"):
-        gc.check(lambda p, X, Y: (mlp.cost(p, X, Y), None), params, grads, X, Y, mode="loop")
+        check(lambda p, X, Y: (mlp.cost(p, X, Y), None), params, grads, X, Y, mode="loop")
 
 
 def test_cost_returning_another_librarys_array(backend):
@@ -300,7 +304,7 @@ def test_cost_returning_another_librarys_array(backend):
         pytest.skip("the cost's NumPy result is the check's own library here")
     X, Y, params, grads = _case(backend)
     with pytest.raises(gc.CostError, match=r"returned a numpy array for parameters of .*'W1'"):
-        gc.check(lambda p, X, Y: np.asarray(host(mlp.cost(p, X, Y))), params, grads, X, Y)
+        check(lambda p, X, Y: np.asarray(host(mlp.cost(p, X, Y))), params, grads, X, Y)
 
 
 def test_cost_raising_inside_a_stacked_pass(backend):
@@ -312,7 +316,7 @@ def test_cost_raising_inside_a_stacked_pass(backend):
         return mlp.cost(params, X, Y)
 
     with pytest.raises(gc.CostError) as info:
-        gc.check(cost, params, grads, X, Y)
+        check(cost, params, grads, X, Y)
     error = info.value
     assert isinstance(error.__cause__, ValueError) and "do not align" in str(error.__cause__)
     message = str(error)
@@ -334,7 +338,7 @@ def test_cost_raising_in_loop_mode_names_the_row(backend):
     with pytest.raises(
         gc.CostError, match=r"raised ZeroDivisionError.*rows 4\.\.4 perturbing parameter 'b1'"
     ) as info:
-        gc.check(cost, params, grads, X, Y, mode="loop")
+        check(cost, params, grads, X, Y, mode="loop")
     assert isinstance(info.value.__cause__, ZeroDivisionError)
 
 
@@ -350,7 +354,7 @@ def test_cost_nonfinite_for_some_rows_judges_the_rest(backend, mode):
         J = mlp.cost(params, X, Y)
         return xp.where(params["W2"][..., 1, 2] > w, xp.full_like(J, math.nan), J)
 
-    report = gc.check(cost, params, grads, X, Y, epsilon=1e-4, mode=mode)
+    report = check(cost, params, grads, X, Y, epsilon=1e-4, mode=mode)
     result = report.parameters["W2"]
     assert result.nonfinite == ((1, 2),)
     assert math.isnan(float(host(result.numeric_grad)[1, 2]))  # the raw value is kept
@@ -368,7 +372,7 @@ def test_cost_nonfinite_for_some_rows_judges_the_rest(backend, mode):
 def test_cost_nonfinite_everywhere(backend):
     X, Y, params, grads = _case(backend)
     xp = backend.xp
-    report = gc.check(lambda p, X, Y: mlp.cost(p, X, Y) * xp.inf, params, grads, X, Y, mode="loop")
+    report = check(lambda p, X, Y: mlp.cost(p, X, Y) * xp.inf, params, grads, X, Y, mode="loop")
     assert not report.passed
     assert all(len(p.nonfinite) == p.size for p in report.parameters.values())
     assert "left out of the differences" in str(report)
@@ -377,7 +381,7 @@ def test_cost_nonfinite_everywhere(backend):
 def test_loop_cost_returning_python_floats_stays_on_the_device(backend):
     """float(J) is the notebook's habit; in loop mode it is fine on every device."""
     X, Y, params, grads = _case(backend)
-    report = gc.check(lambda p, X, Y: float(host(mlp.cost(p, X, Y))), params, grads, X, Y, mode="loop")
+    report = check(lambda p, X, Y: float(host(mlp.cost(p, X, Y))), params, grads, X, Y, mode="loop")
     assert np.isclose(report.difference, 1.1890913024229996e-07)
     assert_on(report.parameters["W1"].numeric_grad, backend)
 
@@ -407,7 +411,7 @@ def test_nothing_lost_when_the_cost_stops_midway(backend, mode, kind):
     # 20 rows of W1 per stacked call: the 3rd call (b1's rows) is midway through the pass.
     expected = gc.CostError if kind is RuntimeError else KeyboardInterrupt
     with pytest.raises(expected) as info:
-        gc.check(cost, params, grads, X, Y, mode=mode, memory_budget=20 * 20 * 8)
+        check(cost, params, grads, X, Y, mode=mode, memory_budget=20 * 20 * 8)
     assert len(calls) == 3
     if expected is KeyboardInterrupt:
         assert type(info.value) is KeyboardInterrupt  # never swallowed or wrapped
@@ -418,7 +422,7 @@ def test_nothing_lost_when_the_cost_stops_midway(backend, mode, kind):
     assert_bitwise_equal(X, saved[2])
     assert_bitwise_equal(Y, saved[3])
     # ... and a check right after runs on the same, untouched arrays.
-    report = gc.check(mlp.cost, params, grads, X, Y, mode=mode)
+    report = check(mlp.cost, params, grads, X, Y, mode=mode)
     assert report.difference == pytest.approx(0.2850931567761623, rel=1e-8)
 
 
@@ -434,7 +438,7 @@ def test_nothing_lost_when_the_cost_scribbles_on_its_inputs(backend):
             value *= 0  # a buggy cost that reuses its inputs as scratch space
         return J
 
-    gc.check(cost, params, grads, X, Y, mode="loop")
+    check(cost, params, grads, X, Y, mode="loop")
     assert_bitwise_equal(params, saved[0])
     assert_bitwise_equal(grads, saved[1])
 
@@ -443,7 +447,7 @@ def test_report_holds_no_views_of_backend_inputs(backend):
     if backend.name not in ("numpy", "torch"):
         pytest.skip("needs in-place writes into the user's arrays")
     X, Y, params, grads = _case(backend)
-    report = gc.check(mlp.cost, params, grads, X, Y)
+    report = check(mlp.cost, params, grads, X, Y)
     before = {n: (host(p.analytic_grad), host(p.numeric_grad)) for n, p in report.parameters.items()}
     for tree in (params, grads):
         for value in tree.values():
