@@ -213,6 +213,65 @@ class Report:
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
+    def plot(self, ax: Any = None) -> Any:
+        """Per-parameter differences on a log axis against the threshold (and the noise
+        floor where estimated); see ``gcbackend.plot.plot_differences``. Needs matplotlib
+        (``pip install 'gcbackend[plot]'``). Returns the Axes."""
+        from .plot import plot_differences
+
+        return plot_differences(self, ax=ax)
+
+    def plot_errors(self, name: str, ax: Any = None) -> Any:
+        """Heatmap of |analytic − numeric| over parameter ``name``; see
+        ``gcbackend.plot.plot_errors``. Needs matplotlib. Returns the Axes."""
+        from .plot import plot_errors
+
+        return plot_errors(self, name, ax=ax)
+
+    def _repr_html_(self) -> str:
+        """The table of ``str(report)`` as HTML, for Jupyter."""
+        from html import escape
+
+        def verdict(result: Any) -> str:
+            named = getattr(result, "verdict", None)
+            return str(named) if named is not None else ("pass" if result.passed else "fail")
+
+        def number(value: Any, spec: str) -> str:
+            return escape(value) if isinstance(value, str) else format(float(value), spec)
+
+        colours = {"pass": "#2a9d8f", "fail": "#d62828", "inconclusive": "#e76f51"}
+        header = ("parameter", "shape", "difference", "verdict", "worst index", "analytic", "numeric")
+        rows = []
+        for p in self.parameters.values():
+            word = verdict(p)
+            cells = (
+                f"<td><code>{escape(p.name)}</code></td>",
+                f"<td>{escape(str(tuple(p.shape)))}</td>",
+                f"<td>{number(p.difference, '.3e')}</td>",
+                f'<td style="color:{colours.get(word, "inherit")};font-weight:bold">{escape(word)}</td>',
+                f"<td>{escape(str(tuple(p.worst_index)))}</td>",
+                f"<td>{number(p.analytic, '.9g')}</td>",
+                f"<td>{number(p.numeric, '.9g')}</td>",
+            )
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        word = verdict(self)
+        rows.append(
+            f"<tr><td><b>all</b></td><td>N={self.size}</td><td><b>{number(self.difference, '.3e')}</b></td>"
+            f'<td style="color:{colours.get(word, "inherit")};font-weight:bold">{escape(word)}</td>'
+            "<td></td><td></td><td></td></tr>"
+        )
+        caption = (
+            f"gradient check: backend {escape(str(self.backend))} on {escape(str(self.device))}, "
+            f"{escape(str(self.dtype))}, epsilon={number(self.epsilon, 'g')}, "
+            f"threshold={number(self.threshold, 'g')}, mode={escape(str(self.mode))}, "
+            f"{self.evaluations} cost evaluations"
+        )
+        head = "".join(f"<th>{h}</th>" for h in header)
+        return (
+            f'<table class="gcbackend-report"><caption style="text-align:left">{caption}</caption>'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+
     def _named(self, names) -> list[str]:
         return [f"{n} (difference {self.parameters[n].difference:.2g})" for n in names]
 
