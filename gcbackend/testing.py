@@ -1,0 +1,43 @@
+"""Test helpers: gradient checks as pytest assertions.
+
+```python
+from gcbackend.testing import assert_gradients
+
+def test_my_layer_backprop():
+    assert_gradients(my_cost, params, my_backward(params, X, Y), X, Y)
+```
+
+A failing check fails the test with the whole report as the message: which parameters are
+wrong, where, and by how much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .check import check
+from .report import Report
+
+__all__ = ["assert_gradients"]
+
+
+def assert_gradients(
+    cost: Callable[..., Any],
+    params: Mapping[str, Any] | Any,
+    grads: Mapping[str, Any] | Any,
+    *args: Any,
+    **kw: Any,
+) -> Report:
+    """``gcbackend.check(cost, params, grads, *args, **kw)``, raising if it does not pass.
+
+    Returns the report when ``report.passed``; otherwise raises ``AssertionError`` whose
+    message is ``str(report)``. Bad input raises ``gcbackend``'s own errors
+    (``InputError``, ``CostError``, …), not ``AssertionError``: a broken test is not a wrong
+    gradient.
+    """
+    __tracebackhide__ = True  # pytest shows the caller's line, not this one
+    report = check(cost, params, grads, *args, **kw)
+    if not report.passed:
+        raise AssertionError(str(report))
+    return report

@@ -1,0 +1,38 @@
+"""testing: assert_gradients passes a correct backprop and fails a wrong one with the report."""
+
+from __future__ import annotations
+
+import pytest
+
+import gcbackend as gc
+from gcbackend.models import mlp
+from gcbackend.testing import assert_gradients
+
+# At the notebook's ε = 1e-7 rounding noise of correct parameters reaches the 2e-7 threshold;
+# ε = 1e-4 separates noise from the planted bugs cleanly on the seed case.
+OPTIONS = {"epsilon": 1e-4, "threshold": 2e-7}
+
+
+def test_a_correct_backprop_passes_and_returns_the_report(backend):
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    report = assert_gradients(mlp.cost, params, mlp.backward(params, X, Y), X, Y, **OPTIONS)
+    assert isinstance(report, gc.Report) and report.passed
+    assert report.difference < 2e-7
+
+
+def test_a_wrong_backprop_fails_with_the_report_as_message(backend):
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    buggy = mlp.backward_with_planted_bugs(params, X, Y)
+    with pytest.raises(AssertionError) as caught:
+        assert_gradients(mlp.cost, params, buggy, X, Y, **OPTIONS)
+    message = str(caught.value)
+    assert message == str(gc.check(mlp.cost, params, buggy, X, Y, **OPTIONS))
+    assert "There is a mistake in the backward propagation!" in message
+    assert "b1" in message and "W2" in message
+
+
+def test_bad_input_is_not_an_assertion_error():
+    X, Y, params = mlp.seed_case()
+    grads = mlp.backward(params, X, Y)
+    with pytest.raises(gc.InputError, match="epsilon"):
+        assert_gradients(mlp.cost, params, grads, X, Y, epsilon=-1.0)
