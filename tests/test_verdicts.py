@@ -1,0 +1,194 @@
+"""Verdicts (issue 4): auto steps and thresholds, localisation, float32, kinks, order 4,
+the fast screen and the sampled check — on every backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import host
+
+import gcbackend as gc
+from gcbackend.models import mlp
+
+
+def _seed(backend):
+    return mlp.seed_case(xp=backend.xp, device=backend.device)
+
+
+@pytest.mark.parametrize("options", [{}, {"mode": "directions"}, {"mode": "loop"}, {"order": 4}])
+def test_planted_bugs_fail_and_only_they(backend, options):
+    X, Y, params = _seed(backend)
+    report = gc.check(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, **options)
+    assert report.verdict == "fail" and not report.passed
+    assert report.faults == ("b1", "W2")
+    for name in ("W1", "b2", "W3", "b3"):
+        assert report.parameters[name].verdict == "pass", (name, str(report))
+    assert report.parameters["b1"].difference == pytest.approx(0.6, rel=1e-6)
+    assert report.parameters["W2"].difference == pytest.approx(1 / 3, rel=1e-6)
+
+
+def test_correct_backprop_passes_with_a_wide_margin(backend):
+    X, Y, params = _seed(backend)
+    report = gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y)
+    assert report.verdict == "pass"
+    for result in report.parameters.values():
+        assert result.verdict == "pass"
+        # ≥ 100× below the notebook's 2e-7 threshold, and below our own noise-based one.
+        assert result.difference <= 2e-7 / 100
+        assert result.difference <= result.threshold
+        assert result.expected is not None and result.expected < 1e-8
+    assert report.expected is not None and report.difference <= report.threshold
+    assert "threshold=auto" in str(report)
+
+
+def test_top_k_localises_the_planted_bug(backend):
+    X, Y, params = _seed(backend)
+    report = gc.check(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, top_k=3)
+    top = report.parameters["b1"].top
+    assert len(top) == 3
+    assert top[0].index == (0, 0) and top[0].index == report.parameters["b1"].worst_index
+    assert [e.absolute for e in top] == sorted((e.absolute for e in top), reverse=True)
+    for e in top:  # db1 = 4× the truth: relative error 3/4 wherever the gradient is nonzero
+        assert e.analytic == pytest.approx(4 * e.numeric, rel=1e-6)
+        assert e.relative == pytest.approx(0.75, rel=1e-6)
+    assert "b1[0, 0]: analytic" in str(report)
+
+
+@pytest.mark.parametrize(
+    ("dims", "m", "seed"), [([30, 20, 1], 16, 0), ([8, 16, 8, 1], 32, 1), ([50, 10, 5, 1], 8, 2)]
+)
+def test_float32_no_false_alarm_with_the_defaults(backend, dims, m, seed):
+    X, Y, params = mlp.random_case(dims, m, seed=seed, dtype="float32", xp=backend.xp, device=backend.device)
+    report = gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y)
+    assert report.verdict == "pass", str(report)
+    assert report.dtype == "float32"
+    assert any("evaluated in float64" in note for note in report.notes)
+
+
+def test_float32_single_wrong_element_is_caught_and_located(backend):
+    X, Y, params = mlp.random_case(
+        [100, 100, 1], 8, seed=5, dtype="float32", xp=backend.xp, device=backend.device
+    )
+    grads = dict(mlp.backward(params, X, Y))
+    wrong = host(grads["W1"]).copy()  # W1 has 10⁴ elements
+    magnitudes = np.abs(wrong)
+    index = np.unravel_index(np.argsort(magnitudes, axis=None)[len(magnitudes.ravel()) // 2], wrong.shape)
+    wrong[index] *= np.float32(1.01)  # relative error 1e-2 at a median-sized element
+    grads["W1"] = wrong
+    report = gc.check(mlp.cost, params, grads, X, Y, backend=backend.xp, device=backend.device)
+    assert report.verdict == "fail"
+    assert report.faults == ("W1",)
+    assert report.parameters["W1"].worst_index == tuple(int(i) for i in index)
+
+
+def _kinked_case(backend):
+    """A ReLU net whose hidden unit 1 has pre-activation exactly 0 on example 0 (dyadic data)."""
+    xp = backend.xp
+    X = np.array([[1.0, 2.0, -1.0], [3.0, -1.0, 2.0]])
+    W1 = np.array([[0.5, -0.25], [0.25, 0.5], [-0.5, 0.75]])
+    b1 = np.array([[0.125], [-(0.25 * 1.0 + 0.5 * 3.0)], [0.25]])  # unit 1: Z = 0 exactly at example 0
+    W2 = np.array([[0.75, -0.5, 0.5]])
+    b2 = np.array([[-0.125]])
+    Y = np.array([[1.0, 0.0, 1.0]])
+    params = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
+    moved = {k: xp.asarray(v, device=backend.device) for k, v in params.items()}
+    return xp.asarray(X, device=backend.device), xp.asarray(Y, device=backend.device), moved
+
+
+def test_kink_is_judged_as_a_subgradient(backend):
+    X, Y, params = _kinked_case(backend)
+    assert float(host(mlp.forward(params, X)[0][0])[1, 0]) == 0.0
+    grads = mlp.backward(params, X, Y)
+    report = gc.check(mlp.cost, params, grads, X, Y)
+    assert report.verdict == "pass", str(report)
+    kinks = {(name, index) for name, r in report.parameters.items() for index in r.kinks}
+    assert ("b1", (1, 0)) in kinks and ("W1", (1, 0)) in kinks and ("W1", (1, 1)) in kinks
+    assert all(name in ("W1", "b1") and index[0] == 1 for name, index in kinks)
+    assert "at a kink, judged as subgradients" in str(report)
+    # The notebook's way cannot: at the kink the central difference averages the slopes.
+    notebook = gc.check(mlp.cost, params, grads, X, Y, epsilon=1e-7, threshold=2e-7)
+    assert notebook.parameters["b1"].verdict == "fail"
+
+
+def test_wrong_gradient_away_from_the_kink_still_fails(backend):
+    X, Y, params = _kinked_case(backend)
+    grads = dict(mlp.backward(params, X, Y))
+    bad = host(grads["W2"]).copy()
+    bad[0, 0] += 0.01
+    grads["W2"] = bad
+    report = gc.check(mlp.cost, params, grads, X, Y, backend=backend.xp, device=backend.device)
+    assert report.verdict == "fail" and report.faults == ("W2",)
+    assert report.parameters["W2"].worst_index == (0, 0)
+
+
+def test_order_4_beats_order_2_at_the_same_step(backend):
+    # Logistic regression: the net without hidden ReLUs, so smooth at any step.
+    X, Y, params = mlp.random_case([6, 1], 12, seed=3, xp=backend.xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+    errors = {}
+    for order in (2, 4):
+        report = gc.check(mlp.cost, params, grads, X, Y, epsilon=1e-3, order=order)
+        errors[order] = report.difference
+    assert errors[4] < errors[2] / 10
+
+
+def test_sampled_check_covers_every_tensor(backend):
+    X, Y, params = _seed(backend)
+    report = gc.check(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, sample=2, seed=1)
+    for result in report.parameters.values():
+        assert result.checked == min(2, result.size)
+        assert len(result.worst_index) == 2  # an index into the parameter's shape
+    assert set(report.faults) <= {"b1", "W2"} and report.verdict == "fail"
+    assert report.evaluations == 4 * sum(min(2, r.size) for r in report.parameters.values()) + 1
+    again = gc.check(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, sample=2, seed=1)
+    assert [r.worst_index for r in again.parameters.values()] == [
+        r.worst_index for r in report.parameters.values()
+    ]
+
+
+def test_fast_screen_catches_a_bug_nonnegative_directions_miss(backend):
+    """A gradient whose elements are permuted keeps its sum: 1ᵀg is right, the gradient is not.
+
+    PyTorch's fast mode projects on non-negative vectors (pytorch#57166); signed Gaussian
+    directions see the permutation."""
+    X, Y, params = _seed(backend)
+    grads = dict(mlp.backward(params, X, Y))
+    w1 = host(grads["W1"])
+    grads["W1"] = w1[::-1, :].copy()
+    assert np.sum(w1) == pytest.approx(np.sum(grads["W1"]))
+    report = gc.check(
+        mlp.cost,
+        params,
+        grads,
+        X,
+        Y,
+        mode="directions",
+        directions=4,
+        backend=backend.xp,
+        device=backend.device,
+    )
+    assert report.faults == ("W1",)
+    assert report.evaluations == 4 * 4 * 6 + 1
+
+
+def test_inconclusive_when_the_cost_is_too_noisy(backend):
+    xp = backend.xp
+    theta = xp.asarray([1.0, -2.0, 0.5], dtype=xp.float64, device=backend.device)
+
+    def noisy(t):  # J = Σθ² + 1e10: the constant swamps J's last digits
+        return xp.sum(t * t, axis=-1) + 1e10
+
+    report = gc.check(noisy, theta, 2 * theta)
+    assert report.verdict == "inconclusive", str(report)
+    assert "inconclusive" in str(report)
+    wrong = gc.check(noisy, theta, -2 * theta)
+    assert wrong.verdict == "fail"
+
+
+def test_options_are_validated():
+    with pytest.raises(gc.InputError, match="order=3"):
+        gc.check(lambda t: t * t, 1.0, 2.0, order=3)
+    with pytest.raises(gc.InputError, match="directions=0"):
+        gc.check(lambda t: t * t, 1.0, 2.0, mode="directions", directions=0)
+    with pytest.raises(gc.InputError, match="sample=0"):
+        gc.check(lambda t: t * t, 1.0, 2.0, sample=0)
