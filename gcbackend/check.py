@@ -1,4 +1,4 @@
-"""check(): compare a backward pass's gradients with central finite differences."""
+"""check(): compare a backward pass's gradients with central finite differences, and judge them."""
 
 from __future__ import annotations
 
@@ -210,17 +210,33 @@ def check(
         ``"numpy"``, ``"cupy"``, ``"torch"``, ``"jax"``, ``"array_api_strict"``, ``"dask"``,
         a namespace module, or None to infer it from the arrays. Inputs are copied there.
     epsilon, threshold
-        The step of the central difference, and the largest ``difference`` that passes.
+        ``"auto"`` (default): a step per element from the dtype and |θ|, and a threshold of
+        10× the difference a correct gradient shows, measured in the same stacked pass
+        (J at ±h and ±2h, and J(θ) once: 4N + 1 evaluations). Numbers: the notebook's way,
+        ``**gc.NOTEBOOK`` (epsilon=1e-7, threshold=2e-7), 2N evaluations, no error bars.
+    order
+        2 (default) or 4: the 4-point stencil (±h, ±2h) of the same evaluations.
     mode
-        ``"stacked"`` (one cost call per chunk of perturbation rows) or ``"loop"`` (one call
-        per row, 2N calls: the notebook's algorithm).
+        ``"stacked"`` (one cost call per chunk of perturbation rows), ``"loop"`` (one call
+        per row: the notebook's algorithm) or ``"directions"``: the fast screen, ``directions``
+        seeded Gaussian directions per tensor, 4·k·(number of tensors) + 1 evaluations
+        whatever N is.
+    sample, seed
+        ``sample=k`` checks k seeded coordinates per tensor (every tensor covered); ``seed``
+        seeds sampling and directions (never the user's RNG).
+    top_k
+        How many of the worst elements each parameter's result lists.
+    upcast
+        Evaluate float32/float16 parameters (and floating args) in float64 where the backend
+        has it, so a float32 backprop is judged to its own precision (the report notes it).
     memory_budget
         Bytes of perturbed parameter copies per stacked call (default 256 MiB).
 
     Returns
     -------
     Report
-        ``difference`` (formula (2) over all parameters), ``passed``, per-parameter results.
+        ``difference`` (formula (2) over all checked values), ``verdict`` ("pass", "fail",
+        "inconclusive"), ``passed``, ``expected``, per-parameter results with top-k elements.
 
     Raises
     ------
