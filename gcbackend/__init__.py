@@ -6,7 +6,7 @@ library (NumPy, CuPy, PyTorch, JAX, array-api-strict, Dask), and reports which p
 wrong, where, and by how much.
 """
 
-from . import models
+from . import models, testing
 from .backends import BACKEND_NAMES
 from .check import NOTEBOOK, check
 from .errors import BackendUnavailableError, CostError, GradCheckError, InputError, InputTypeError
@@ -27,4 +27,5 @@ __all__ = [
     "Report",
     "check",
     "models",
+    "testing",
 ]
