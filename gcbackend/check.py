@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -189,6 +190,7 @@ def check(
     top_k: int = 5,
     upcast: bool = True,
     memory_budget: int | None = None,
+    progress: bool | None = None,
 ) -> Report:
     """Check ``grads`` against central finite differences of ``cost(params, *args)``.
 
@@ -231,6 +233,9 @@ def check(
         has it, so a float32 backprop is judged to its own precision (the report notes it).
     memory_budget
         Bytes of perturbed parameter copies per stacked call (default 256 MiB).
+    progress
+        A tqdm bar on stderr for checks that run longer than 2 s. None (default): only when
+        stderr is a terminal; False: never; True: always.
 
     Returns
     -------
@@ -311,30 +316,38 @@ def check(
     notebook = (
         epsilon != "auto" and threshold != "auto" and order == 2 and mode != "directions" and sample is None
     )
+    bar = _progress_bar(progress, _rows(parts, notebook, order, mode, directions, sample))
     evaluation = dict(
-        layout=layout, xp=xp, mode="loop" if mode == "loop" else "stacked", memory_budget=budget
+        layout=layout,
+        xp=xp,
+        mode="loop" if mode == "loop" else "stacked",
+        memory_budget=budget,
+        progress=bar.update,
     )
-    if notebook:
-        # The notebook's way: J(θ ± ε), 2N evaluations, no error bars, its numbers exactly.
-        numeric = engine.central_differences(cost, parts, moved_args, epsilon=epsilon, **evaluation)
-        estimate, checked, evaluations, positions = None, analytic, 2 * layout.size, None
-    else:
-        estimate, checked, evaluations, positions = _estimate(
-            cost,
-            parts,
-            moved_args,
-            analytic,
-            epsilon=epsilon,
-            order=order,
-            mode=mode,
-            directions=directions,
-            sample=sample,
-            seed=seed,
-            notes=notes,
-            chosen=chosen,
-            evaluation=evaluation,
-        )
-        numeric = estimate.numeric
+    try:
+        if notebook:
+            # The notebook's way: J(θ ± ε), 2N evaluations, no error bars, its numbers exactly.
+            numeric = engine.central_differences(cost, parts, moved_args, epsilon=epsilon, **evaluation)
+            estimate, checked, evaluations, positions = None, analytic, 2 * layout.size, None
+        else:
+            estimate, checked, evaluations, positions = _estimate(
+                cost,
+                parts,
+                moved_args,
+                analytic,
+                epsilon=epsilon,
+                order=order,
+                mode=mode,
+                directions=directions,
+                sample=sample,
+                seed=seed,
+                notes=notes,
+                chosen=chosen,
+                evaluation=evaluation,
+            )
+            numeric = estimate.numeric
+    finally:
+        bar.close()
     # A cost that returns Python floats (fine in mode='loop') yields costs on the namespace's
     # default device, not necessarily the one the check runs on.
     numeric = {
@@ -357,6 +370,36 @@ def check(
         evaluations=evaluations,
         positions=positions,
     )
+
+
+def _rows(parts, notebook, order, mode, directions, sample) -> int:
+    """How many perturbed rows the check will evaluate (the progress bar's total)."""
+    if mode == "directions":
+        return 4 * directions * len(parts)
+    sizes = [math.prod(p.shape) for p in parts.values()]
+    if sample is not None:
+        sizes = [min(int(sample), n) for n in sizes]
+    return (2 if notebook else 4) * sum(sizes)
+
+
+def _progress_bar(progress: bool | None, total: int) -> Any:
+    """A tqdm bar that appears only after 2 s (so quick checks print nothing), on a terminal."""
+    enabled = sys.stderr.isatty() if progress is None else bool(progress)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; a stripped environment just gets no bar
+        enabled = False
+    if not enabled:
+        return _NoBar()
+    return tqdm(total=total, delay=2.0, unit="row", desc="gradient check", file=sys.stderr, leave=False)
+
+
+class _NoBar:
+    def update(self, rows: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _upcast(parts, args, xp, notes):

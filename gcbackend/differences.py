@@ -88,6 +88,7 @@ def estimate(
     xp: ModuleType,
     mode: str = "stacked",
     memory_budget: int = engine.DEFAULT_MEMORY_BUDGET,
+    progress: Callable[[int], Any] | None = None,
     elements: Mapping[str, Any] | None = None,
     directions: Mapping[str, Any] | None = None,
 ) -> Estimate:
@@ -107,6 +108,7 @@ def estimate(
         xp=xp,
         mode=mode,
         memory_budget=memory_budget,
+        progress=progress,
         elements=elements,
         directions=directions,
     )

@@ -124,13 +124,14 @@ def evaluate_rows(
     xp: ModuleType,
     mode: str = "stacked",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: Callable[[int], Any] | None = None,
 ) -> Any:
     """Costs J(flat + D_r) for the ``n_rows`` displacement rows D_r = rows(r, r + 1), shape (n_rows,).
 
     ``batched`` turns a (B, n) stack of perturbed vectors into what the cost receives
     (parameters with a leading batch axis); ``single`` does the same for one (n,) vector.
     Stacked: ⌈n_rows / B⌉ calls, B from ``memory_budget``. Loop: n_rows calls. ``name`` says
-    what is perturbed, for error messages. Raises CostError if the cost raises or returns
+    what is perturbed, for error messages; ``progress(rows)`` is told of every call's rows. Raises CostError if the cost raises or returns
     the wrong shape.
     """
     size = flat.shape[0]
@@ -140,6 +141,8 @@ def evaluate_rows(
             params = single(flat + rows(r, r + 1)[0, :])
             out = _call(cost, params, args, name=name, start=r, stop=r + 1, stacked=False)
             costs.append(_as_costs(out, (), xp=xp, name=name, start=r, stop=r + 1, stacked=False))
+            if progress is not None:
+                progress(1)
         return xp.stack(costs)
     step = chunk_rows(n_rows, size, xp.finfo(flat.dtype).bits // 8, memory_budget, name)
     for start in range(0, n_rows, step):
@@ -147,6 +150,8 @@ def evaluate_rows(
         params = batched(flat[None, :] + rows(start, stop))
         out = _call(cost, params, args, name=name, start=start, stop=stop, stacked=True)
         costs.append(_as_costs(out, (stop - start,), xp=xp, name=name, start=start, stop=stop, stacked=True))
+        if progress is not None:
+            progress(stop - start)
     return costs[0] if len(costs) == 1 else xp.concat(costs)
 
 
@@ -206,6 +211,7 @@ def stencil_costs(
     xp: ModuleType,
     mode: str = "stacked",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: Callable[[int], Any] | None = None,
     elements: Mapping[str, Any] | None = None,
     directions: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -251,6 +257,7 @@ def stencil_costs(
                 xp=xp,
                 mode=mode,
                 memory_budget=memory_budget,
+                progress=progress,
             )
         except CostError:
             pass  # the per-tensor pass below redoes it and names the parameter at fault
@@ -287,6 +294,7 @@ def stencil_costs(
             xp=xp,
             mode=mode,
             memory_budget=memory_budget,
+            progress=progress,
         )
         full = elements is None and directions is None
         out[name] = xp.reshape(costs, (n_stencil, *shape) if full else (n_stencil, -1))
@@ -303,6 +311,7 @@ def central_differences(
     xp: ModuleType,
     mode: str = "stacked",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
     """The central-difference gradient (J(θ + εe_i) − J(θ − εe_i)) / (2ε) of every element.
 
@@ -322,5 +331,6 @@ def central_differences(
         xp=xp,
         mode=mode,
         memory_budget=memory_budget,
+        progress=progress,
     )
     return {name: (c[0, ...] - c[1, ...]) / (2 * epsilon) for name, c in costs.items()}

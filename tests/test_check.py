@@ -174,3 +174,29 @@ def test_localises_a_single_wrong_element(backend, dtype):
     # float32 parameters are evaluated in float64 (upcast=True), and the report says so.
     assert str(report.parameters["W2"].numeric_grad.dtype).endswith("float64")
     assert any("evaluated in float64" in note for note in report.notes) == (dtype == "float32")
+
+
+def test_progress_bar_counts_every_row(monkeypatch):
+    """progress=True draws a tqdm bar whose total and final count are the rows evaluated."""
+    import tqdm.auto
+
+    seen = []
+
+    class Recording(tqdm.auto.tqdm):
+        def close(self):
+            if not self.disable:  # tqdm closes once more when collected
+                seen.append((self.total, self.n, self.delay))
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    X, Y, params = mlp.seed_case()
+    gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, progress=True)
+    check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, progress=True, mode="loop")
+    assert seen == [(4 * 47, 4 * 47, 2.0), (2 * 47, 2 * 47, 2.0)]
+
+
+def test_no_progress_bar_off_a_terminal(capsys):
+    X, Y, params = mlp.seed_case()
+    gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y)  # pytest's stderr is no tty
+    gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, progress=False)
+    assert capsys.readouterr().err == ""
