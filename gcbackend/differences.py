@@ -91,12 +91,14 @@ def estimate(
     progress: Callable[[int], Any] | None = None,
     elements: Mapping[str, Any] | None = None,
     directions: Mapping[str, Any] | None = None,
+    runner: engine.Runner | None = None,
 ) -> Estimate:
     """Derivatives with error bars from the stencil ±h, ±2h (and J(θ) once) in one pass.
 
     ``steps`` maps names to h (the tensor's shape). With ``elements`` (flat indices per
     name) only those elements are evaluated; with ``directions`` (name → (k, n) rows, the
     step included) the derivatives are along those rows, and kinks are not judged.
+    ``runner`` evaluates the stacked calls elsewhere (``engine.stencil_costs``); J(θ) stays here.
     """
     grid = engine.stencil_costs(
         cost,
@@ -111,6 +113,7 @@ def estimate(
         progress=progress,
         elements=elements,
         directions=directions,
+        runner=runner,
     )
     center = engine.evaluate_center(cost, layout.wrap(dict(parts)), args, xp=xp)
     numeric, error, kink, low, high, fourth, pieces = {}, {}, {}, {}, {}, {}, {}

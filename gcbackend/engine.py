@@ -16,8 +16,9 @@ The engine knows nothing of models or of checking; it sees a cost, arrays and ro
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_extra as xpx
 from array_api_compat import device
@@ -29,11 +30,18 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "MAX_CHUNK_ROWS",
     "MODES",
+    "Chunk",
+    "RowGroup",
+    "Runner",
+    "Stencil",
     "central_differences",
+    "chunk_bounds",
     "coordinate_rows",
     "direction_rows",
     "evaluate_center",
+    "evaluate_chunk",
     "evaluate_rows",
+    "row_group",
     "stencil_costs",
 ]
 
@@ -54,6 +62,46 @@ _CONTRACT = (
 Rows = Callable[[int, int], Any]
 """rows(start, stop) → the displacements of rows [start, stop), shape (stop - start, n)."""
 
+Chunk = tuple["str | None", int, int]
+"""(tensor, start, stop): rows [start, stop) of the rows perturbing parameter ``tensor``, or
+of the rows perturbing every tensor at once (``None``: the one-call path of a small θ)."""
+
+
+@dataclass(frozen=True)
+class Stencil:
+    """Everything the rows of a ``stencil_costs`` call are rebuilt from, on any machine.
+
+    Row r of a chunk depends only on these and on (tensor, r), so a runner that sends a
+    Stencil to each worker once can then describe every task by its ``Chunk`` alone.
+    """
+
+    cost: Callable[..., Any]
+    parts: Mapping[str, Any]
+    args: tuple[Any, ...]
+    layout: Layout
+    steps: Mapping[str, Any]
+    multipliers: tuple[float, ...]
+    elements: Mapping[str, Any] | None = None
+    directions: Mapping[str, Any] | None = None
+
+
+Runner = Callable[[Stencil, list[Chunk], "Callable[[int], Any] | None"], list[Any]]
+"""runner(stencil, chunks, progress) → the costs of each chunk, in order: (stop - start,)
+arrays of the check's namespace and device, each equal to ``evaluate_chunk(stencil, chunk)``.
+It evaluates them elsewhere (``gcbackend.distributed``: on a Dask cluster) and tells
+``progress(rows)`` of each chunk done."""
+
+
+class RowGroup(NamedTuple):
+    """The rows of one tensor (or of all at once) as ``evaluate_rows`` takes them."""
+
+    flat: Any
+    rows: Rows
+    n_rows: int
+    batched: Callable[[Any], Any]
+    single: Callable[[Any], Any]
+    name: str
+
 
 def chunk_rows(n_rows: int, size: int, itemsize: int, memory_budget: int, name: str) -> int:
     """How many rows of a size-``size`` tensor one stacked call may hold under the budget."""
@@ -65,6 +113,15 @@ def chunk_rows(n_rows: int, size: int, itemsize: int, memory_budget: int, name: 
             f"memory_budget={row_bytes}"
         )
     return max(1, min(n_rows, MAX_CHUNK_ROWS, memory_budget // row_bytes))
+
+
+def chunk_bounds(
+    n_rows: int, size: int, itemsize: int, memory_budget: int, name: str
+) -> list[tuple[int, int]]:
+    """The (start, stop) of every stacked call over ``n_rows`` rows: one place decides them,
+    so a runner's chunks are exactly the local ones (and so are their floating-point ops)."""
+    step = chunk_rows(n_rows, size, itemsize, memory_budget, name)
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
 def _call(cost, params, args, *, name, start, stop, stacked):
@@ -144,15 +201,44 @@ def evaluate_rows(
             if progress is not None:
                 progress(1)
         return xp.stack(costs)
-    step = chunk_rows(n_rows, size, xp.finfo(flat.dtype).bits // 8, memory_budget, name)
-    for start in range(0, n_rows, step):
-        stop = min(start + step, n_rows)
-        params = batched(flat[None, :] + rows(start, stop))
-        out = _call(cost, params, args, name=name, start=start, stop=stop, stacked=True)
-        costs.append(_as_costs(out, (stop - start,), xp=xp, name=name, start=start, stop=stop, stacked=True))
+    for start, stop in chunk_bounds(n_rows, size, xp.finfo(flat.dtype).bits // 8, memory_budget, name):
+        costs.append(
+            _stacked(
+                cost, args, flat=flat, rows=rows, batched=batched, name=name, start=start, stop=stop, xp=xp
+            )
+        )
         if progress is not None:
             progress(stop - start)
     return costs[0] if len(costs) == 1 else xp.concat(costs)
+
+
+def _stacked(cost, args, *, flat, rows, batched, name, start, stop, xp):
+    """One stacked call: the costs of rows [start, stop), shape (stop - start,)."""
+    params = batched(flat[None, :] + rows(start, stop))
+    out = _call(cost, params, args, name=name, start=start, stop=stop, stacked=True)
+    return _as_costs(out, (stop - start,), xp=xp, name=name, start=start, stop=stop, stacked=True)
+
+
+def evaluate_chunk(stencil: Stencil, chunk: Chunk, *, xp: ModuleType) -> Any:
+    """The costs of one chunk of a stencil's rows, shape (stop - start,): what a worker runs.
+
+    It rebuilds the rows from (tensor, start, stop) with the same code and the same
+    operations as the local stacked pass, so on the same library the costs are bitwise the
+    local ones. Raises CostError like ``evaluate_rows``.
+    """
+    tensor, start, stop = chunk
+    group = row_group(stencil, tensor, xp=xp)
+    return _stacked(
+        stencil.cost,
+        stencil.args,
+        flat=group.flat,
+        rows=group.rows,
+        batched=group.batched,
+        name=group.name,
+        start=start,
+        stop=stop,
+        xp=xp,
+    )
 
 
 def evaluate_center(cost: Callable[..., Any], params: Any, args: tuple[Any, ...], *, xp: ModuleType) -> Any:
@@ -200,6 +286,78 @@ def direction_rows(directions: Any, multipliers: tuple[float, ...], *, xp: Modul
     return rows, len(multipliers) * count
 
 
+def row_group(stencil: Stencil, tensor: str | None, *, xp: ModuleType) -> RowGroup:
+    """The rows perturbing parameter ``tensor`` (only it batched, the others unbatched and
+    shared by broadcasting), or with ``tensor=None`` every tensor's rows at once (all batched)."""
+    layout, parts, steps, multipliers = stencil.layout, stencil.parts, stencil.steps, stencil.multipliers
+    if tensor is None:
+        rows, n_rows = coordinate_rows(layout.flatten(layout.wrap(steps), xp=xp), multipliers, xp=xp)
+        return RowGroup(
+            layout.flatten(layout.wrap(parts), xp=xp),
+            rows,
+            n_rows,
+            lambda batch: layout.unflatten(batch, xp=xp),
+            lambda vector: layout.unflatten(vector, xp=xp),
+            ", ".join(layout.names),
+        )
+    base = parts[tensor]
+    shape = tuple(base.shape)
+
+    def batched(batch):
+        return layout.wrap({**parts, tensor: xp.reshape(batch, (batch.shape[0], *shape))})
+
+    def single(vector):
+        return layout.wrap({**parts, tensor: xp.reshape(vector, shape)})
+
+    if stencil.directions is not None:
+        rows, n_rows = direction_rows(stencil.directions[tensor], multipliers, xp=xp)
+    else:
+        chosen = None if stencil.elements is None else stencil.elements[tensor]
+        rows, n_rows = coordinate_rows(xp.reshape(steps[tensor], (-1,)), multipliers, xp=xp, elements=chosen)
+    return RowGroup(xp.reshape(base, (-1,)), rows, n_rows, batched, single, tensor)
+
+
+def _group_costs(
+    stencil: Stencil,
+    tensors: tuple[str | None, ...],
+    *,
+    xp: ModuleType,
+    mode: str,
+    memory_budget: int,
+    progress: Callable[[int], Any] | None,
+    runner: Runner | None,
+) -> dict[str | None, Any]:
+    """tensor → the costs of all its rows, (n_rows,). Locally one tensor after the other; a
+    runner gets the chunks of ALL the tensors in one list, so a cluster runs them together."""
+    groups = {tensor: row_group(stencil, tensor, xp=xp) for tensor in tensors}
+    if runner is None or mode == "loop":
+        return {
+            tensor: evaluate_rows(
+                stencil.cost,
+                stencil.args,
+                **group._asdict(),
+                xp=xp,
+                mode=mode,
+                memory_budget=memory_budget,
+                progress=progress,
+            )
+            for tensor, group in groups.items()
+        }
+    chunks = [
+        (tensor, start, stop)
+        for tensor, group in groups.items()
+        for start, stop in chunk_bounds(
+            group.n_rows, group.flat.shape[0], xp.finfo(group.flat.dtype).bits // 8, memory_budget, group.name
+        )
+    ]
+    results = runner(stencil, chunks, progress)
+    out = {}
+    for tensor in groups:
+        pieces = [costs for (owner, _, _), costs in zip(chunks, results) if owner == tensor]
+        out[tensor] = pieces[0] if len(pieces) == 1 else xp.concat(pieces)
+    return out
+
+
 def stencil_costs(
     cost: Callable[..., Any],
     parts: Mapping[str, Any],
@@ -214,6 +372,7 @@ def stencil_costs(
     progress: Callable[[int], Any] | None = None,
     elements: Mapping[str, Any] | None = None,
     directions: Mapping[str, Any] | None = None,
+    runner: Runner | None = None,
 ) -> dict[str, Any]:
     """J(θ + m_k·h_j·e_j) for every multiplier m_k and element j: name → (K, *shape).
 
@@ -228,6 +387,10 @@ def stencil_costs(
     batched, where per-call overhead dominates; otherwise each tensor's rows are evaluated
     with only that tensor batched, so the others are shared by broadcasting and the layers
     before it run once.
+
+    ``runner`` (stacked mode only) evaluates the stacked calls elsewhere: it receives the
+    Stencil and every (tensor, start, stop) chunk at once, and returns their costs in order
+    (see ``Runner``); the chunks are the local ones, so are the results.
     """
     n_stencil = len(multipliers)
     dtypes = {p.dtype for p in parts.values()}
@@ -241,64 +404,23 @@ def stencil_costs(
         and n_stencil * n_total <= MAX_CHUNK_ROWS
         and n_stencil * n_total * n_total * itemsize <= memory_budget
     )
+    stencil = Stencil(cost, parts, args, layout, steps, multipliers, elements, directions)
+    evaluation = dict(xp=xp, mode=mode, memory_budget=memory_budget, progress=progress, runner=runner)
     if whole:
-        flat = layout.flatten(layout.wrap(parts), xp=xp)
-        rows, n_rows = coordinate_rows(layout.flatten(layout.wrap(steps), xp=xp), multipliers, xp=xp)
         try:
-            costs = evaluate_rows(
-                cost,
-                args,
-                flat=flat,
-                rows=rows,
-                n_rows=n_rows,
-                batched=lambda batch: layout.unflatten(batch, xp=xp),
-                single=lambda vector: layout.unflatten(vector, xp=xp),
-                name=", ".join(layout.names),
-                xp=xp,
-                mode=mode,
-                memory_budget=memory_budget,
-                progress=progress,
-            )
+            costs = _group_costs(stencil, (None,), **evaluation)[None]
         except CostError:
             pass  # the per-tensor pass below redoes it and names the parameter at fault
         else:
             grid = layout.as_dict(layout.unflatten(xp.reshape(costs, (n_stencil, n_total)), xp=xp))
             return {name: grid[name] for name in layout.names}
 
-    out = {}
-    for name, base in parts.items():
-        shape = tuple(base.shape)
-
-        def batched(batch, name=name, shape=shape):
-            return layout.wrap({**parts, name: xp.reshape(batch, (batch.shape[0], *shape))})
-
-        def single(vector, name=name, shape=shape):
-            return layout.wrap({**parts, name: xp.reshape(vector, shape)})
-
-        if directions is not None:
-            rows, n_rows = direction_rows(directions[name], multipliers, xp=xp)
-        else:
-            chosen = None if elements is None else elements[name]
-            rows, n_rows = coordinate_rows(
-                xp.reshape(steps[name], (-1,)), multipliers, xp=xp, elements=chosen
-            )
-        costs = evaluate_rows(
-            cost,
-            args,
-            flat=xp.reshape(base, (-1,)),
-            rows=rows,
-            n_rows=n_rows,
-            batched=batched,
-            single=single,
-            name=name,
-            xp=xp,
-            mode=mode,
-            memory_budget=memory_budget,
-            progress=progress,
-        )
-        full = elements is None and directions is None
-        out[name] = xp.reshape(costs, (n_stencil, *shape) if full else (n_stencil, -1))
-    return out
+    costs = _group_costs(stencil, tuple(parts), **evaluation)
+    full = elements is None and directions is None
+    return {
+        name: xp.reshape(costs[name], (n_stencil, *tuple(base.shape)) if full else (n_stencil, -1))
+        for name, base in parts.items()
+    }
 
 
 def central_differences(
@@ -312,6 +434,7 @@ def central_differences(
     mode: str = "stacked",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int], Any] | None = None,
+    runner: Runner | None = None,
 ) -> dict[str, Any]:
     """The central-difference gradient (J(θ + εe_i) − J(θ − εe_i)) / (2ε) of every element.
 
@@ -332,5 +455,6 @@ def central_differences(
         mode=mode,
         memory_budget=memory_budget,
         progress=progress,
+        runner=runner,
     )
     return {name: (c[0, ...] - c[1, ...]) / (2 * epsilon) for name, c in costs.items()}

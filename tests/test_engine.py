@@ -130,3 +130,38 @@ def test_stacked_call_count_is_bounded(backend):
     )
     expected = sum(math.ceil(2 * size / min(engine.MAX_CHUNK_ROWS, budget // (8 * size))) for size in n.values())
     assert len(calls) == expected
+
+
+@pytest.mark.parametrize(
+    ("dims", "m", "budget"), [([4, 5, 3, 1], 3, None), ([12, 10, 6, 1], 20, 40 * 120 * 8)]
+)
+def test_a_runner_gets_every_tensors_chunks_at_once_and_changes_no_bit(backend, dims, m, budget):
+    # The seam gcbackend.distributed plugs into: a runner that evaluates each chunk with
+    # evaluate_chunk (as a worker does) must reproduce the local pass bit for bit.
+    X, Y, params = mlp.random_case(dims, m, seed=3, xp=backend.xp, device=backend.device)
+    layout, xp = Layout.of(params), backend.xp
+    calls, rows_done = [], []
+
+    def runner(stencil, chunks, progress):
+        calls.append(list(chunks))
+        out = [engine.evaluate_chunk(stencil, chunk, xp=xp) for chunk in chunks]
+        progress(sum(stop - start for _, start, stop in chunks))
+        return out
+
+    options = dict(layout=layout, epsilon=1e-7, xp=xp)
+    if budget is not None:
+        options["memory_budget"] = budget  # 40 rows of W1 (120 elements) per call
+    local = engine.central_differences(mlp.cost, params, (X, Y), **options)
+    remote = engine.central_differences(
+        mlp.cost, params, (X, Y), runner=runner, progress=rows_done.append, **options
+    )
+    assert len(calls) == 1  # one hand-over for the whole check, not one per tensor
+    tensors = [tensor for tensor, _, _ in calls[0]]
+    if budget is None:
+        assert calls[0] == [(None, 0, 2 * layout.size)]  # a small θ: one call, every tensor batched
+    else:
+        assert set(tensors) == set(params) and tensors.count("W1") == 6  # 240 rows of W1 by 40
+    assert sum(rows_done) == 2 * layout.size
+    for name in params:
+        assert_on(remote[name], backend)
+        assert host(remote[name]).tobytes() == host(local[name]).tobytes(), name
