@@ -191,6 +191,7 @@ def check(
     upcast: bool = True,
     memory_budget: int | None = None,
     progress: bool | None = None,
+    client: Any = None,
 ) -> Report:
     """Check ``grads`` against central finite differences of ``cost(params, *args)``.
 
@@ -236,6 +237,12 @@ def check(
     progress
         A tqdm bar on stderr for checks that run longer than 2 s. None (default): only when
         stderr is a terminal; False: never; True: always.
+    client
+        A ``dask.distributed.Client``: the stacked chunks become tasks on its cluster (see
+        ``gcbackend.distributed``). The cost and args are sent to each worker once, so they
+        must be picklable (a module-level function, or a ``functools.partial`` of one);
+        workers need gcbackend installed. The report is the one a local check gives.
+        Needs ``pip install 'gcbackend[dask]'``; not with ``mode="loop"``.
 
     Returns
     -------
@@ -255,6 +262,11 @@ def check(
     if not callable(cost):
         raise InputTypeError(f"cost must be callable as cost(params, *args), not {type(cost).__name__}")
     budget = _options(epsilon, threshold, mode, memory_budget, order, directions, sample, top_k)
+    if client is not None and mode == "loop":
+        raise InputError(
+            "client= spreads stacked chunks over Dask workers, but mode='loop' makes one call "
+            "per row on this machine; drop client=, or use mode='stacked' with a cost that broadcasts"
+        )
     epsilon = epsilon if epsilon == "auto" else float(epsilon)
     threshold = threshold if threshold == "auto" else float(threshold)
 
@@ -313,6 +325,11 @@ def check(
     layout = Layout(tuple(parts), tuple(tuple(p.shape) for p in parts.values()), single=single)
     notes: list[str] = []
     parts, moved_args = _upcast(parts, moved_args, xp, notes) if upcast else (parts, moved_args)
+    runner = None
+    if client is not None:
+        from . import distributed  # only here: a check without a client never imports dask
+
+        runner = distributed.runner(client, chosen, cost, moved_args)
     notebook = (
         epsilon != "auto" and threshold != "auto" and order == 2 and mode != "directions" and sample is None
     )
@@ -323,6 +340,7 @@ def check(
         mode="loop" if mode == "loop" else "stacked",
         memory_budget=budget,
         progress=bar.update,
+        runner=runner,
     )
     try:
         if notebook:
