@@ -34,7 +34,8 @@ How
     * A peer whose one full run would exceed ~60 s (estimated, where N ≥ 10,000, from a probe
       of 256 coordinates, median of 3) is timed on an evenly spread subset of coordinates
       (~20 s) and extrapolated linearly to N; the note column says so, and its difference is
-      over that subset. gcbackend rows are always timed on all N coordinates.
+      over that subset. With ``--quick``: over ~3 s (N ≥ 1,000, one probe call), subset ~1 s.
+      gcbackend rows are always timed on all N coordinates.
     * Peak memory: the worker subprocess's peak resident set (VmHWM of /proc/self/status on
       Linux, which unlike ``ru_maxrss`` does not inherit the parent's RSS across fork+exec;
       ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` elsewhere), MiB, including the interpreter
@@ -76,10 +77,21 @@ RESULTS = ROOT / "bench" / "results"
 EPSILON = 1e-7  # the notebook's ε, for every method whose step is free
 TORCH_EPS = 1e-6  # torch.autograd.gradcheck's default
 CHUNK_BUDGET = 256 * 2**20  # bytes of perturbed θ rows per JAX chunk (gcbackend's default budget)
-PEER_LIMIT_S = 60.0  # a peer whose one run would take longer is measured on a subset
-SUBSET_TARGET_S = 20.0  # ... of about this many seconds
 PROBE_COORDS = 256
-PROBE_MIN_N = 10_000  # below this no peer comes near PEER_LIMIT_S: no probe
+
+
+@dataclass(frozen=True)
+class Extrapolation:
+    """When a peer is timed on a subset of coordinates instead of all N."""
+
+    limit_s: float  # a peer whose one full run would take longer is timed on a subset
+    target_s: float  # ... of about this many seconds
+    min_n: int  # below this N, no probe (no peer comes near limit_s)
+    probe_calls: int  # timed probe calls (median)
+
+
+FULL = Extrapolation(limit_s=60.0, target_s=20.0, min_n=10_000, probe_calls=3)
+QUICK = Extrapolation(limit_s=3.0, target_s=1.0, min_n=1_000, probe_calls=1)
 FAST_CALL_S, FAST_TOTAL_S, FAST_MAX_REPEATS = 0.05, 0.5, 100
 SLOW_CALL_S, SLOW_REPEATS = 5.0, 3
 SLOWEST_CALL_S = 60.0  # a first timed call longer than this: the only one
@@ -445,18 +457,20 @@ def timed(call: Callable, sync: Callable) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def plan_coordinates(method: Method, case: Case, backend: str) -> tuple[np.ndarray | None, str]:
-    """All coordinates, or a spread subset when one full run would pass PEER_LIMIT_S."""
+def plan_coordinates(
+    method: Method, case: Case, backend: str, rule: Extrapolation
+) -> tuple[np.ndarray | None, str]:
+    """All coordinates, or a spread subset when one full run would pass ``rule.limit_s``."""
     n = case.theta.shape[0]
-    if not method.subset or n < PROBE_MIN_N:
+    if not method.subset or n < rule.min_n:
         return None, ""
     probe = spread(n, PROBE_COORDS)
     call, _, sync, _ = method.setup(case, backend, probe)
     timed(call, sync)  # warm-up (JIT compilation)
-    estimate = statistics.median(timed(call, sync)[0] for _ in range(3)) * n / len(probe)
-    if estimate <= PEER_LIMIT_S:
+    estimate = statistics.median(timed(call, sync)[0] for _ in range(rule.probe_calls)) * n / len(probe)
+    if estimate <= rule.limit_s:
         return None, ""
-    k = max(PROBE_COORDS, int(n * SUBSET_TARGET_S / estimate))
+    k = max(PROBE_COORDS, int(n * rule.target_s / estimate))
     coords = spread(n, k)
     return coords, f"timed on {len(coords)} of {n} coords, extrapolated x{n / len(coords):.1f}"
 
@@ -478,7 +492,7 @@ def run_worker(spec: dict) -> dict:
             importlib.import_module(module)
         case = host_case(size)
         baseline = maxrss_mib()  # before the probe, which does the same work on fewer coordinates
-        coords, note = plan_coordinates(method, case, backend)
+        coords, note = plan_coordinates(method, case, backend, QUICK if spec.get("quick") else FULL)
         call, summarise, sync, device = method.setup(case, backend, coords)
     except ImportError as exc:
         return {**row, "status": "not installed", "note": f"not installed ({exc})"}
@@ -516,13 +530,13 @@ def run_worker(spec: dict) -> dict:
 # --------------------------------------------------------------------------- the driver
 
 
-def spawn(method: Method, size: Size, backend: str, repeats: int) -> dict:
+def spawn(method: Method, size: Size, backend: str, repeats: int, quick: bool) -> dict:
     row = {"method": method.name, "size": size.name, "N": size.n_params}
     missing = [r for r in method.requires if importlib.util.find_spec(r) is None]
     if missing:
         return {**row, "status": "not installed", "note": f"not installed: {', '.join(missing)}"}
-    spec = json.dumps({"method": method.name, "size": size.name, "backend": backend, "repeats": repeats})
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", spec]
+    spec = {"method": method.name, "size": size.name, "backend": backend, "repeats": repeats, "quick": quick}
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -673,7 +687,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="S and M only, 1 timed call per row after the warm-up (calls under 50 ms: more)",
+        help="S and M only, 1 timed call per row after the warm-up; peers over ~3 s extrapolated",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 5)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
@@ -706,7 +720,7 @@ def run_all(args: argparse.Namespace) -> dict:
     rows = []
     for size in args.sizes:
         for method in METHODS:
-            row = spawn(method, size, args.backend, args.repeats)
+            row = spawn(method, size, args.backend, args.repeats, args.quick)
             print(f"[{size.name}] {method.name}: {fmt_time(row.get('median_s'))} {row.get('note', '')}",
                   file=sys.stderr, flush=True)  # fmt: skip
             rows.append(row)
