@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with the test extras (NumPy, array-api-strict, PyTorch CPU,
-# pytest, Hypothesis, matplotlib) and run the whole test suite. Works from a clean clone with python3.
+# pytest, Hypothesis, matplotlib, Dask for the client= tests) and run the whole test suite. Works from a clean clone with python3.
 # Extra arguments go to pytest, e.g.  scripts/test.sh -k engine
 set -euo pipefail
 cd "$(dirname "$0")/.."
