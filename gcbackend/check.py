@@ -364,6 +364,13 @@ def check(
                 evaluation=evaluation,
             )
             numeric = estimate.numeric
+            if estimate.refined:
+                evaluations += 4 * estimate.refined
+                notes.append(
+                    f"{estimate.refined} element(s) evaluated again with steps "
+                    f"{differences.REFINE_FACTOR:g}× smaller: their truncation error dominated "
+                    "(a kink crossed within ±2h, e.g. a ReLU unit changing sign)"
+                )
     finally:
         bar.close()
     # A cost that returns Python floats (fine in mode='loop') yields costs on the namespace's
@@ -449,6 +456,8 @@ def _estimate(
     where the compared values sit: ``"directions"``, name → sampled flat indices, or None.
     """
     xp = chosen.xp
+    # A step the user chose is the step used; an automatic one moves closer where a kink is crossed.
+    refine = differences.REFINE_ROUNDS if epsilon == "auto" else 0
     if epsilon == "auto":
         steps = differences.auto_steps(parts, order=order, xp=xp)
     else:
@@ -485,10 +494,10 @@ def _estimate(
             checked[name] = xp.take(xp.reshape(analytic[name], (-1,)), elements[name])
         notes.append(f"sampled check: {sample} element(s) per tensor (seed={seed})")
         estimate = differences.estimate(
-            cost, parts, args, steps=steps, order=order, elements=elements, **evaluation
+            cost, parts, args, steps=steps, order=order, elements=elements, refine=refine, **evaluation
         )
         return estimate, checked, 4 * sum(len(v) for v in positions.values()) + 1, positions
-    estimate = differences.estimate(cost, parts, args, steps=steps, order=order, **evaluation)
+    estimate = differences.estimate(cost, parts, args, steps=steps, order=order, refine=refine, **evaluation)
     return estimate, analytic, 4 * sum(math.prod(p.shape) for p in parts.values()) + 1, None
 
 

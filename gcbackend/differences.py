@@ -28,7 +28,7 @@ from . import engine
 from .backends import to_host
 from .params import Layout
 
-__all__ = ["STEP_ROUNDING", "Estimate", "auto_steps", "estimate"]
+__all__ = ["REFINE_FACTOR", "REFINE_ROUNDS", "STEP_ROUNDING", "Estimate", "auto_steps", "estimate"]
 
 STEP_ROUNDING = 1000.0
 """The rounding error of J the default step is tuned for, in units of eps·|J|.
@@ -41,6 +41,13 @@ KINK_RATIO = 0.25
 function's differ by h·J″, which doubles."""
 KINK_SIGNIFICANCE = 100.0
 """A jump counts as a kink only when this many times above the slopes' rounding noise."""
+REFINE_FACTOR = 100.0
+"""An element whose fourth difference is far above rounding (KINK_SIGNIFICANCE × its
+standard deviation) without a jump at θ has a kink *near* θ, crossed within ±2h (a ReLU
+unit changing sign): it is evaluated again with a step this much smaller. How much smaller the step of each refinement round is; a kink at a uniformly random
+distance within ±2h is still crossed after one round with probability 1/REFINE_FACTOR."""
+REFINE_ROUNDS = 2
+"""Refinement rounds with epsilon='auto' (a step the user chose is never changed)."""
 
 
 def auto_steps(parts: Mapping[str, Any], *, order: int, xp: ModuleType) -> dict[str, Any]:
@@ -75,6 +82,8 @@ class Estimate:
     low: dict[str, Any]
     high: dict[str, Any]
     rounding: float
+    refined: int = 0
+    """How many elements were evaluated again with smaller steps (4 evaluations each)."""
 
 
 def estimate(
@@ -92,6 +101,9 @@ def estimate(
     elements: Mapping[str, Any] | None = None,
     directions: Mapping[str, Any] | None = None,
     runner: engine.Runner | None = None,
+    refine: int = REFINE_ROUNDS,
+    center: Any = None,
+    rounding: Any = None,
 ) -> Estimate:
     """Derivatives with error bars from the stencil ±h, ±2h (and J(θ) once) in one pass.
 
@@ -99,6 +111,11 @@ def estimate(
     name) only those elements are evaluated; with ``directions`` (name → (k, n) rows, the
     step included) the derivatives are along those rows, and kinks are not judged.
     ``runner`` evaluates the stacked calls elsewhere (``engine.stencil_costs``); J(θ) stays here.
+
+    Up to ``refine`` rounds re-evaluate, with steps REFINE_FACTOR times smaller, the elements
+    with a kink crossed within ±2h (see REFINE_FACTOR), and keep whichever estimate has
+    the smaller error bar. A refinement round is passed J(θ) as ``center`` and δ as
+    ``rounding``: both are the first round's, measured over every element.
     """
     grid = engine.stencil_costs(
         cost,
@@ -115,7 +132,8 @@ def estimate(
         directions=directions,
         runner=runner,
     )
-    center = engine.evaluate_center(cost, layout.wrap(dict(parts)), args, xp=xp)
+    if center is None:
+        center = engine.evaluate_center(cost, layout.wrap(dict(parts)), args, xp=xp)
     numeric, error, kink, low, high, fourth, pieces = {}, {}, {}, {}, {}, {}, {}
     for name, costs in grid.items():
         if directions is not None:
@@ -130,26 +148,7 @@ def estimate(
         numeric[name] = one if order == 2 else (4.0 * one - two) / 3.0
         fourth[name] = 6.0 * center - 4.0 * (plus + minus) + (plus2 + minus2)
         pieces[name] = (one, two, h, plus - center, center - minus, (plus2 - center) - (center - minus2))
-    # δ is measured, not assumed: the fourth difference 6J₀ − 4(J₊ + J₋) + (J₊₂ + J₋₂) is
-    # h⁴J⁗ (negligible) plus rounding of standard deviation √70·δ. Elements near a kink
-    # have a jump there instead, so: a robust first guess from the median (0.6745σ for
-    # normal noise), kinks flagged with it, then the RMS over the other elements (rounding
-    # is heavy-tailed: the median alone underestimates it up to 6× on the seed case).
-    flat4 = {name: xp.reshape(v, (-1,)) for name, v in fourth.items()}
-    pooled = xp.sort(xp.abs(xp.concat(list(flat4.values()))))
-    middle = pooled.shape[0] // 2
-    median = pooled[middle] if pooled.shape[0] % 2 else (pooled[middle - 1] + pooled[middle]) / 2
-    eps = float(xp.finfo(pooled.dtype).eps)
-    floor = eps * xp.abs(center)
-    guess = xp.maximum(median / (0.6745 * 70.0**0.5), floor)
-    smooth = {name: ~_kinks(pieces[name], guess, xp) for name in pieces}
-    squares = xp.concat(
-        [xp.where(smooth[name], flat4[name] * flat4[name], xp.zeros_like(flat4[name])) for name in pieces]
-    )
-    counted = xp.concat([xp.astype(smooth[name], squares.dtype) for name in pieces])
-    delta = xp.maximum(
-        xp.sqrt(xp.sum(squares) / xp.maximum(xp.sum(counted), xp.ones_like(floor)) / 70.0), guess
-    )
+    delta = _rounding(center, fourth, pieces, xp) if rounding is None else rounding
     for name, (one, two, h, rise, fall, _) in pieces.items():
         # |D(h) − D(2h)| / 3 is D(h)'s truncation (Richardson); δ/h bounds its rounding.
         error[name] = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * delta / h
@@ -157,7 +156,82 @@ def estimate(
         kink[name] = is_kink if directions is None else xp.zeros_like(is_kink)
         right, left = rise / h, fall / h
         low[name], high[name] = xp.minimum(left, right), xp.maximum(left, right)
-    return Estimate(numeric, error, kink, low, high, float(to_host(delta)))
+    first = Estimate(numeric, error, kink, low, high, float(to_host(delta)))
+    if refine <= 0 or directions is not None:
+        return first
+    # A fourth difference far above rounding (a smooth J's is h⁴J⁗, nothing) where the
+    # slopes do not jump at θ itself: a kink crossed within ±2h. Ask again, closer in.
+    gross = KINK_SIGNIFICANCE * 70.0**0.5 * delta
+    suspects = {
+        name: xp.reshape((xp.abs(fourth[name]) > gross) & ~kink[name], (-1,)) for name in pieces
+    }
+    counts = to_host(xp.stack([xp.sum(xp.astype(m, xp.int64)) for m in suspects.values()])).tolist()
+    if not any(counts):
+        return first
+    where = {name: xp.nonzero(m)[0] for name, m in suspects.items()}
+    closer = estimate(
+        cost,
+        parts,
+        args,
+        layout=layout,
+        steps={name: (p + steps[name] / REFINE_FACTOR) - p for name, p in parts.items()},
+        order=order,
+        xp=xp,
+        mode=mode,
+        memory_budget=memory_budget,
+        progress=progress,
+        elements={
+            name: at if elements is None else xp.take(elements[name], at) for name, at in where.items()
+        },
+        runner=runner,
+        refine=refine - 1,
+        center=center,
+        rounding=delta,
+    )
+    merged = {field: {} for field in ("numeric", "error", "kink", "low", "high")}
+    for (name, mask), count in zip(suspects.items(), counts):
+        shape = tuple(first.numeric[name].shape)
+        if not count:
+            for field, out in merged.items():
+                out[name] = getattr(first, field)[name]
+            continue
+        # Element j's refined values sit at its rank among the suspects: a gather, no scatter.
+        slot = xp.clip(xp.cumulative_sum(xp.astype(mask, xp.int64)) - 1, min=0)
+        better = mask & (xp.take(closer.error[name], slot) < xp.reshape(first.error[name], (-1,)))
+        for field, out in merged.items():
+            old, new = xp.reshape(getattr(first, field)[name], (-1,)), xp.take(getattr(closer, field)[name], slot)
+            out[name] = xp.reshape(xp.where(better, new, old), shape)
+    return Estimate(**merged, rounding=first.rounding, refined=sum(counts) + closer.refined)
+
+
+def _rounding(center: Any, fourth: dict[str, Any], pieces: dict[str, tuple[Any, ...]], xp: ModuleType) -> Any:
+    """δ, the rounding error of one evaluation of J, measured (a 0-d array).
+
+    The fourth difference 6J₀ − 4(J₊ + J₋) + (J₊₂ + J₋₂) is h⁴J⁗ (negligible) plus rounding
+    of standard deviation √70·δ. Elements near a kink have a jump there instead, so: a
+    robust first guess from the median (0.6745σ for normal noise), kinks flagged with it,
+    then the RMS over the other elements (rounding is heavy-tailed: the median alone
+    underestimates it up to 6× on the seed case), leaving out gross outliers too: a kink
+    crossed between θ and θ ± 2h makes the fourth difference ~1e8·δ (the M model of
+    bench/run.py: 66 of 2,625 elements), and one of them would inflate δ a million-fold.
+    """
+    flat4 = {name: xp.reshape(v, (-1,)) for name, v in fourth.items()}
+    pooled = xp.sort(xp.abs(xp.concat(list(flat4.values()))))
+    middle = pooled.shape[0] // 2
+    median = pooled[middle] if pooled.shape[0] % 2 else (pooled[middle - 1] + pooled[middle]) / 2
+    eps = float(xp.finfo(pooled.dtype).eps)
+    floor = eps * xp.abs(center)
+    guess = xp.maximum(median / (0.6745 * 70.0**0.5), floor)
+    # A kink crossed within ±2h (not at θ, so not flagged) leaves a jump of 1e8δ, not 10δ.
+    gross = KINK_SIGNIFICANCE * 70.0**0.5 * guess
+    smooth = {name: ~_kinks(pieces[name], guess, xp) & (xp.abs(flat4[name]) <= gross) for name in pieces}
+    squares = xp.concat(
+        [xp.where(smooth[name], flat4[name] * flat4[name], xp.zeros_like(flat4[name])) for name in pieces]
+    )
+    counted = xp.concat([xp.astype(smooth[name], squares.dtype) for name in pieces])
+    return xp.maximum(
+        xp.sqrt(xp.sum(squares) / xp.maximum(xp.sum(counted), xp.ones_like(floor)) / 70.0), guess
+    )
 
 
 def _kinks(piece: tuple[Any, ...], delta: Any, xp: ModuleType) -> Any:

@@ -415,10 +415,14 @@ def stencil_costs(
             grid = layout.as_dict(layout.unflatten(xp.reshape(costs, (n_stencil, n_total)), xp=xp))
             return {name: grid[name] for name in layout.names}
 
-    costs = _group_costs(stencil, tuple(parts), **evaluation)
+    # A tensor with no elements chosen (a refinement that left it alone) gets no call.
+    tensors = tuple(name for name in parts if elements is None or elements[name].shape[0] > 0)
+    costs = _group_costs(stencil, tensors, **evaluation)
     full = elements is None and directions is None
     return {
         name: xp.reshape(costs[name], (n_stencil, *tuple(base.shape)) if full else (n_stencil, -1))
+        if name in costs
+        else xp.zeros((n_stencil, 0), dtype=base.dtype, device=device(base))
         for name, base in parts.items()
     }
 

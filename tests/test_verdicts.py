@@ -8,6 +8,7 @@ import pytest
 from helpers import host
 
 import gcbackend as gc
+from gcbackend import differences
 from gcbackend.models import mlp
 
 
@@ -119,6 +120,59 @@ def test_wrong_gradient_away_from_the_kink_still_fails(backend):
     report = gc.check(mlp.cost, params, grads, X, Y, backend=backend.xp, device=backend.device)
     assert report.verdict == "fail" and report.faults == ("W2",)
     assert report.parameters["W2"].worst_index == (0, 0)
+
+
+def _near_kink(backend, distance):
+    """J = |θ₀ − c| + Σ sin θᵢ (i ≥ 1), the kink ``distance`` auto steps above θ₀ = 1.
+
+    Returns θ, c, the cost and its gradient."""
+    xp = backend.xp
+    values = [1.0, -0.5, 0.25, 2.0, 0.1, -1.2, 0.7, 0.3]
+    theta = xp.asarray(values, dtype=xp.float64, device=backend.device)
+    h = float(host(differences.auto_steps({"t": theta}, order=2, xp=xp)["t"])[0])
+    c = xp.asarray(1.0 + distance * h, dtype=xp.float64, device=backend.device)
+
+    def cost(t, c):
+        return xp.abs(t[..., 0] - c) + xp.sum(xp.sin(t[..., 1:]), axis=-1)
+
+    grad = xp.asarray([-1.0] + [float(np.cos(v)) for v in values[1:]], dtype=xp.float64, device=backend.device)
+    return theta, c, cost, grad, h
+
+
+def test_a_kink_crossed_within_2h_is_refined_not_averaged(backend):
+    """A kink between θ + h and θ + 2h spoils D(2h): θ₀'s error bar would be ~0.08 and the
+    threshold with it. Such elements are evaluated again with REFINE_FACTOR× smaller steps."""
+    theta, c, cost, grad, h = _near_kink(backend, 1.5)
+    report = gc.check(cost, theta, grad, c)
+    assert report.verdict == "pass", str(report)
+    assert report.expected < 1e-8 and report.difference < 1e-9
+    assert report.evaluations == 4 * 8 + 1 + 4 * 1  # θ₀ alone was refined
+    assert any("1 element(s) evaluated again with steps 100× smaller" in n for n in report.notes)
+    # A gradient 1 % off right next to the kink: the refined error bar catches it.
+    scale = backend.xp.asarray([0.99] + [1.0] * 7, dtype=backend.xp.float64, device=backend.device)
+    wrong = gc.check(cost, theta, grad * scale, c)
+    assert wrong.verdict == "fail" and wrong.parameters["theta"].worst_index == (0,)
+    # With the user's own step nothing is re-evaluated, and the error bar stays wide.
+    fixed = gc.check(cost, theta, grad * scale, c, epsilon=h)
+    assert fixed.evaluations == 4 * 8 + 1 and fixed.parameters["theta"].verdict != "fail"
+
+
+def test_no_refinement_away_from_kinks(backend):
+    theta, c, cost, grad, _ = _near_kink(backend, 1000.0)
+    report = gc.check(cost, theta, grad, c)
+    assert report.verdict == "pass" and report.evaluations == 4 * 8 + 1
+    assert not any("evaluated again" in note for note in report.notes)
+
+
+def test_mid_size_relu_net_keeps_a_tight_threshold(backend):
+    """ReLU units crossing zero within ±2h used to inflate the rounding estimate δ (and so
+    every error bar) a million-fold: threshold 5e-3 on the bench's M model. Now δ leaves
+    gross outliers out and the crossed elements are refined."""
+    X, Y, params = mlp.random_case([64, 32, 16, 1], 128, seed=0, xp=backend.xp, device=backend.device)
+    report = gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, progress=False)
+    assert report.verdict == "pass" and report.difference < 1e-8
+    assert report.threshold < 1e-6, str(report)
+    assert report.evaluations > 4 * 2625 + 1  # some elements were refined
 
 
 def test_order_4_beats_order_2_at_the_same_step(backend):
