@@ -93,6 +93,11 @@ def _to_float_array(value: Any, backend: Backend, what: str, dtype: Any = None) 
     return array
 
 
+def _dtype_name(dtype: Any) -> str:
+    """'float32', not 'torch.float32'."""
+    return str(dtype).split(".")[-1]
+
+
 def _first_index(mask: Any, shape: tuple[int, ...], xp) -> tuple[int, ...]:
     flat = int(to_host(xp.argmax(xp.astype(xp.reshape(mask, (-1,)), xp.int8))))
     return _unravel(flat, shape)
@@ -132,7 +137,7 @@ def _require_step(theta: Any, epsilon: float, name: str, xp) -> None:
     in float16, or large θ in float32).
     """
     info = xp.finfo(theta.dtype)
-    dtype = str(theta.dtype).split(".")[-1]  # float32, not torch.float32
+    dtype = _dtype_name(theta.dtype)
     shape = tuple(theta.shape)
     if epsilon >= float(info.max):
         raise InputError(
@@ -158,6 +163,35 @@ def _require_step(theta: Any, epsilon: float, name: str, xp) -> None:
         f"epsilon={epsilon:g} makes θ ± ε overflow to Inf in {dtype} for params[{name!r}] "
         f"at {_listed(_indices(overflow, shape))}; pass a smaller epsilon or a wider dtype"
     )
+
+
+def _require_valid(parts: dict[str, Any], analytic: dict[str, Any], epsilon: float | str, xp) -> None:
+    """No NaN/Inf in params or grads, and θ ± ε moves every element (a fixed epsilon).
+
+    The common case costs a few operations over all tensors joined (one per dtype) and one
+    device sync; only when something is wrong are the tensors examined one by one, to name
+    the parameter and the first bad index.
+    """
+    flags = []
+    for dtype in {p.dtype for p in parts.values()}:
+        names = [name for name, p in parts.items() if p.dtype == dtype]
+        theta = xp.concat([xp.reshape(parts[name], (-1,)) for name in names])
+        grad = xp.concat([xp.reshape(analytic[name], (-1,)) for name in names])
+        flags.append(xp.all(xp.isfinite(theta)) & xp.all(xp.isfinite(grad)))
+        if epsilon != "auto" and float(epsilon) < float(xp.finfo(dtype).max):
+            plus, minus = theta + epsilon, theta - epsilon
+            moved = (plus != theta) & (minus != theta) & xp.isfinite(plus) & xp.isfinite(minus)
+            flags.append(xp.all(moved))
+        elif epsilon != "auto":
+            flags.append(xp.asarray(False, device=array_api_compat.device(theta)))
+    if bool(xp.all(xp.stack(flags))):  # one device sync on the common path
+        return
+    for name in parts:
+        _require_finite(parts[name], f"params[{name!r}]", xp)
+        _require_finite(analytic[name], f"grads[{name!r}]", xp)
+        if epsilon != "auto":
+            _require_step(parts[name], epsilon, name, xp)
+    raise AssertionError("unreachable: a flagged tensor always raises above")  # pragma: no cover
 
 
 def _require_budget(parts: dict[str, Any], budget: int, xp) -> None:
@@ -313,11 +347,7 @@ def check(
                 f"{tuple(parts[name].shape)}; they must match exactly"
             )
         analytic[name] = grad
-    for name in parts:
-        _require_finite(parts[name], f"params[{name!r}]", xp)
-        _require_finite(analytic[name], f"grads[{name!r}]", xp)
-        if epsilon != "auto":
-            _require_step(parts[name], epsilon, name, xp)
+    _require_valid(parts, analytic, epsilon, xp)
     if mode != "loop":
         _require_budget(parts, budget, xp)
     moved_args = tuple(to_backend(a, chosen) if is_array(a) else a for a in args)
@@ -434,7 +464,7 @@ def _upcast(parts, args, xp, notes):
     in float64 the finite differences are exact to far below float32's own resolution, so
     a float32 backprop is judged against the truth, to its own precision.
     """
-    low = sorted({str(p.dtype).split(".")[-1] for p in parts.values() if xp.finfo(p.dtype).bits < 64})
+    low = sorted({_dtype_name(p.dtype) for p in parts.values() if xp.finfo(p.dtype).bits < 64})
     if not low or xp.asarray(1.0, dtype=xp.float64).dtype != xp.float64:  # JAX without x64
         return parts, args
     notes.append(
@@ -548,74 +578,94 @@ def _compare(
     subgradient between their one-sided slopes.
     """
     auto = threshold == "auto"
-    packed, kept, masks, compared, counts = [], [], {}, {}, {}
-    for name in parts:
-        n = xp.reshape(numeric[name], (-1,))
-        a = xp.astype(xp.reshape(analytic[name], (-1,)), n.dtype)
-        finite = xp.isfinite(n)
-        zero = xp.zeros_like(a)
-        if estimate is not None:
-            err = xp.reshape(estimate.error[name], (-1,))
-            kink = xp.reshape(estimate.kink[name], (-1,)) & finite
-            low, high = xp.reshape(estimate.low[name], (-1,)), xp.reshape(estimate.high[name], (-1,))
-            n = xp.where(kink, xp.minimum(xp.maximum(a, low - err), high + err), n)
-            eps_a = float(xp.finfo(analytic[name].dtype).eps)
-            rms = xp.sqrt(xp.mean(a * a))
-            tol = xp.where(finite, err + ANALYTIC_ULPS * eps_a * (xp.abs(a) + rms), zero)
-        else:
-            kink = xp.zeros_like(finite)
-            tol = zero
-        a_kept, n_kept = xp.where(finite, a, zero), xp.where(finite, n, zero)
-        error = xp.abs(a_kept - n_kept)
-        k = min(top_k, a.shape[0])
-        worst = xp.argsort(error, descending=True, stable=True)[:k]
-        outliers = xp.sum(xp.astype((error > SAFETY * tol) & (tol > 0), xp.int64))
-        scalars = xp.stack(
+    names = tuple(parts)
+    sizes = [math.prod(tuple(numeric[name].shape)) for name in names]
+    dtype = xp.result_type(*(numeric[name].dtype for name in names))
+
+    def joined(values: Mapping[str, Any], kind: Any = dtype) -> Any:
+        flat = [xp.astype(xp.reshape(values[name], (-1,)), kind) for name in names]
+        return flat[0] if len(flat) == 1 else xp.concat(flat)
+
+    # Elementwise work runs once over every parameter's values, concatenated; only the
+    # reductions and the top-k go parameter by parameter, on slices.
+    bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(names))]
+    n, a = joined(numeric), joined(analytic)
+    finite = xp.isfinite(n)
+    zero = xp.zeros_like(a)
+    if estimate is not None:
+        err, kink = joined(estimate.error), joined(estimate.kink, xp.bool) & finite
+        low, high = joined(estimate.low), joined(estimate.high)
+        n = xp.where(kink, xp.minimum(xp.maximum(a, low - err), high + err), n)
+        # Rounding the backprop itself may carry: ANALYTIC_ULPS of each parameter's own
+        # dtype, relative to |g_j| + rms(g) of that parameter.
+        slack = xp.concat(
+            [
+                ANALYTIC_ULPS
+                * float(xp.finfo(analytic[name].dtype).eps)
+                * (xp.abs(a[start:stop]) + xp.sqrt(xp.mean(a[start:stop] * a[start:stop])))
+                for name, (start, stop) in zip(names, bounds)
+            ]
+        )
+        tol = xp.where(finite, err + slack, zero)
+    else:
+        kink = xp.zeros_like(finite)
+        tol = zero
+    a_kept, n_kept = xp.where(finite, a, zero), xp.where(finite, n, zero)
+    gap = a_kept - n_kept
+    error = xp.abs(gap)
+    # Per element: what each parameter sums (squares for its norms, then its counts).
+    columns = xp.stack(
+        [
+            gap * gap,
+            a_kept * a_kept,
+            n_kept * n_kept,
+            tol * tol,
+            xp.astype((error > SAFETY * tol) & (tol > 0), dtype),
+            xp.astype(~finite, dtype),
+            xp.astype(kink, dtype),
+        ],
+        axis=1,
+    )
+    sides = xp.stack([a, n], axis=1)
+    counts, packed = {}, []
+    for name, (start, stop) in zip(names, bounds):
+        k = min(top_k, stop - start)
+        worst = xp.argsort(error[start:stop], descending=True, stable=True)[:k]
+        top = xp.take(sides[start:stop, :], worst, axis=0)
+        packed.append(
+            xp.concat(
+                [xp.sum(columns[start:stop, :], axis=0), xp.astype(worst, dtype), top[:, 0], top[:, 1]]
+            )
+        )
+        counts[name] = (k, stop - start)
+    overall = xp.astype(
+        xp.stack(
             [
                 xp.linalg.vector_norm(a_kept - n_kept),
                 xp.linalg.vector_norm(a_kept) + xp.linalg.vector_norm(n_kept),
                 xp.linalg.vector_norm(tol),
-                xp.astype(outliers, n.dtype),
-                xp.astype(xp.sum(xp.astype(~finite, xp.int64)), n.dtype),
-                xp.astype(xp.sum(xp.astype(kink, xp.int64)), n.dtype),
-            ]
-        )
-        packed.append(
-            xp.astype(
-                xp.concat([scalars, xp.astype(worst, n.dtype), xp.take(a, worst), xp.take(n, worst)]),
-                xp.float64,
-            )
-        )
-        kept.append((a_kept, n_kept, tol))
-        masks[name] = (~finite, kink)
-        compared[name] = n
-        counts[name] = (k, int(a.shape[0]))
-    all_a, all_n, all_tol = (xp.concat([t[i] for t in kept]) for i in range(3))
-    overall = xp.astype(
-        xp.stack(
-            [
-                xp.linalg.vector_norm(all_a - all_n),
-                xp.linalg.vector_norm(all_a) + xp.linalg.vector_norm(all_n),
-                xp.linalg.vector_norm(all_tol),
             ]
         ),
         xp.float64,
     )
     # Everything the report prints crosses to the host in one transfer (one device sync).
-    values = [float(v) for v in to_host(xp.concat([overall, *packed])).tolist()]
+    values = [float(v) for v in to_host(xp.concat([overall, xp.astype(xp.concat(packed), xp.float64)])).tolist()]
+    masks = {name: (~finite[start:stop], kink[start:stop]) for name, (start, stop) in zip(names, bounds)}
+    compared = {name: n[start:stop] for name, (start, stop) in zip(names, bounds)}
 
     def ratio(numerator: float, denominator: float) -> float:
         return numerator / denominator if denominator > 0 else (0.0 if numerator == 0 else math.inf)
 
-    floor = 4 * float(xp.finfo(all_n.dtype).eps)
+    floor = 4 * float(xp.finfo(dtype).eps)
     results, offset = {}, 3
     for name in parts:
         k, checked = counts[name]
-        num, den, tol_norm, outliers, n_bad, n_kinks = values[offset : offset + 6]
-        worst_at = [int(v) for v in values[offset + 6 : offset + 6 + k]]
-        top_a = values[offset + 6 + k : offset + 6 + 2 * k]
-        top_n = values[offset + 6 + 2 * k : offset + 6 + 3 * k]
-        offset += 6 + 3 * k
+        gap2, a2, n2, tol2, outliers, n_bad, n_kinks = values[offset : offset + 7]
+        num, den, tol_norm = math.sqrt(gap2), math.sqrt(a2) + math.sqrt(n2), math.sqrt(tol2)
+        worst_at = [int(v) for v in values[offset + 7 : offset + 7 + k]]
+        top_a = values[offset + 7 + k : offset + 7 + 2 * k]
+        top_n = values[offset + 7 + 2 * k : offset + 7 + 3 * k]
+        offset += 7 + 3 * k
         shape = tuple(parts[name].shape)
 
         def where(flat: int, shape=shape, name=name) -> tuple[int, ...]:
@@ -657,7 +707,7 @@ def _compare(
         verdict = "pass" if difference <= threshold and not nonfinite else "fail"
     else:
         verdict = "fail" if "fail" in verdicts else ("inconclusive" if "inconclusive" in verdicts else "pass")
-    dtypes = sorted({str(p.dtype).split(".")[-1] for p in analytic.values()})
+    dtypes = sorted(map(_dtype_name, {p.dtype for p in analytic.values()}))
     return Report(
         difference=difference,
         threshold=max(SAFETY * expected, floor) if auto else float(threshold),
