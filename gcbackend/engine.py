@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
+import array_api_compat
 import array_api_extra as xpx
 from array_api_compat import device
 
@@ -28,7 +29,10 @@ from .params import Layout
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
+    "CACHE_BYTES",
     "MAX_CHUNK_ROWS",
+    "MIN_CHUNK_ROWS",
+    "WHOLE_ROWS",
     "MODES",
     "Chunk",
     "RowGroup",
@@ -48,9 +52,18 @@ __all__ = [
 MODES = ("stacked", "loop")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Bytes of perturbed parameter copies one stacked call may hold (256 MiB)."""
-MAX_CHUNK_ROWS = 256
+MAX_CHUNK_ROWS = 64
 """Rows per stacked call, at most: beyond this, batched GEMMs stop getting faster and the
-activations (which grow with the batch too) stop fitting in cache."""
+activations (which grow with the batch too) stop fitting in cache. Measured on the L model
+of bench/run.py (2-core Xeon, 2 MiB L2): rows perturbing W1 cost ~0.5 ms each in calls of
+16 to 64 rows, ~0.85 ms in calls of 256; rows perturbing b1 0.13 ms against 0.16 ms."""
+CACHE_BYTES = 8 * 2**20
+"""Perturbed copies per stacked call, at most (with at least MIN_CHUNK_ROWS rows): the
+copies of a large tensor are read once by the first GEMM and should still be in cache."""
+MIN_CHUNK_ROWS = 8
+WHOLE_ROWS = 256
+"""A θ whose stencil has at most this many rows is done in ONE call with every tensor
+batched (the seed case: 94 or 188 rows), where per-call overhead dominates."""
 
 _CONTRACT = (
     "In mode='stacked' some parameters carry a leading batch axis of size B (e.g. W1 of shape "
@@ -60,7 +73,7 @@ _CONTRACT = (
 )
 
 Rows = Callable[[int, int], Any]
-"""rows(start, stop) → the displacements of rows [start, stop), shape (stop - start, n)."""
+"""rows(start, stop) → the perturbed points θ + D_r of rows [start, stop), shape (stop - start, n)."""
 
 Chunk = tuple["str | None", int, int]
 """(tensor, start, stop): rows [start, stop) of the rows perturbing parameter ``tensor``, or
@@ -101,10 +114,14 @@ class RowGroup(NamedTuple):
     batched: Callable[[Any], Any]
     single: Callable[[Any], Any]
     name: str
+    most: int = MAX_CHUNK_ROWS
 
 
-def chunk_rows(n_rows: int, size: int, itemsize: int, memory_budget: int, name: str) -> int:
-    """How many rows of a size-``size`` tensor one stacked call may hold under the budget."""
+def chunk_rows(
+    n_rows: int, size: int, itemsize: int, memory_budget: int, name: str, most: int = MAX_CHUNK_ROWS
+) -> int:
+    """How many rows of a size-``size`` tensor one stacked call may hold: at most ``most``,
+    as many copies as fit CACHE_BYTES (but MIN_CHUNK_ROWS), and always within the budget."""
     row_bytes = size * itemsize
     if memory_budget < row_bytes:
         raise InputError(
@@ -112,15 +129,16 @@ def chunk_rows(n_rows: int, size: int, itemsize: int, memory_budget: int, name: 
             f"parameter {name!r} ({size} elements × {itemsize} bytes); pass at least "
             f"memory_budget={row_bytes}"
         )
-    return max(1, min(n_rows, MAX_CHUNK_ROWS, memory_budget // row_bytes))
+    cache = max(MIN_CHUNK_ROWS, CACHE_BYTES // row_bytes)
+    return max(1, min(n_rows, most, cache, memory_budget // row_bytes))
 
 
 def chunk_bounds(
-    n_rows: int, size: int, itemsize: int, memory_budget: int, name: str
+    n_rows: int, size: int, itemsize: int, memory_budget: int, name: str, most: int = MAX_CHUNK_ROWS
 ) -> list[tuple[int, int]]:
     """The (start, stop) of every stacked call over ``n_rows`` rows: one place decides them,
     so a runner's chunks are exactly the local ones (and so are their floating-point ops)."""
-    step = chunk_rows(n_rows, size, itemsize, memory_budget, name)
+    step = chunk_rows(n_rows, size, itemsize, memory_budget, name, most)
     return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
@@ -139,7 +157,6 @@ def _as_costs(out: Any, expected: tuple[int, ...], *, xp, name, start, stop, sta
             f"the cost returned a tuple of {len(out)} items (at rows {start}..{stop - 1} perturbing "
             f"{name!r}); return only the cost J, e.g. lambda params, *args: f(params, *args)[0]"
         )
-    import array_api_compat  # local: only this helper may change while the engine is reworked
 
     if not hasattr(out, "shape"):
         try:
@@ -182,6 +199,7 @@ def evaluate_rows(
     mode: str = "stacked",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int], Any] | None = None,
+    most: int = MAX_CHUNK_ROWS,
 ) -> Any:
     """Costs J(flat + D_r) for the ``n_rows`` displacement rows D_r = rows(r, r + 1), shape (n_rows,).
 
@@ -195,13 +213,13 @@ def evaluate_rows(
     costs = []
     if mode == "loop":
         for r in range(n_rows):
-            params = single(flat + rows(r, r + 1)[0, :])
+            params = single(rows(r, r + 1)[0, :])
             out = _call(cost, params, args, name=name, start=r, stop=r + 1, stacked=False)
             costs.append(_as_costs(out, (), xp=xp, name=name, start=r, stop=r + 1, stacked=False))
             if progress is not None:
                 progress(1)
         return xp.stack(costs)
-    for start, stop in chunk_bounds(n_rows, size, xp.finfo(flat.dtype).bits // 8, memory_budget, name):
+    for start, stop in chunk_bounds(n_rows, size, xp.finfo(flat.dtype).bits // 8, memory_budget, name, most):
         costs.append(
             _stacked(
                 cost, args, flat=flat, rows=rows, batched=batched, name=name, start=start, stop=stop, xp=xp
@@ -214,7 +232,7 @@ def evaluate_rows(
 
 def _stacked(cost, args, *, flat, rows, batched, name, start, stop, xp):
     """One stacked call: the costs of rows [start, stop), shape (stop - start,)."""
-    params = batched(flat[None, :] + rows(start, stop))
+    params = batched(rows(start, stop))
     out = _call(cost, params, args, name=name, start=start, stop=stop, stacked=True)
     return _as_costs(out, (stop - start,), xp=xp, name=name, start=start, stop=stop, stacked=True)
 
@@ -247,15 +265,29 @@ def evaluate_center(cost: Callable[..., Any], params: Any, args: tuple[Any, ...]
     return _as_costs(out, (), xp=xp, name="(none: J at θ)", start=0, stop=1, stacked=False)
 
 
-def coordinate_rows(
-    steps: Any, multipliers: tuple[float, ...], *, xp: ModuleType, elements: Any = None
-) -> tuple[Rows, int]:
-    """rows(start, stop) of the stencil [m_1·diag(h); m_2·diag(h); …] and its row count.
+def _scatters(xp: ModuleType) -> bool:
+    """Whether ``xpx.at(x)[rows, cols]`` can write integer-array indices (in place, or as
+    JAX's functional ``.at``). The standard has no such assignment (array-api-strict
+    refuses it); those namespaces get rows built from ``one_hot`` instead."""
+    return (
+        array_api_compat.is_numpy_namespace(xp)
+        or array_api_compat.is_cupy_namespace(xp)
+        or array_api_compat.is_torch_namespace(xp)
+        or array_api_compat.is_jax_namespace(xp)
+    )
 
-    ``steps`` is h, a (n,) array: one step per element. ``elements`` (an int array) limits
-    the rows to those elements (a sampled check); by default every element has its rows.
-    Row r = k·s + i moves element ``elements[i]`` by m_k·h. ``one_hot`` builds the rows
-    without item assignment (JAX, GPUs).
+
+def coordinate_rows(
+    flat: Any, steps: Any, multipliers: tuple[float, ...], *, xp: ModuleType, elements: Any = None
+) -> tuple[Rows, int]:
+    """rows(start, stop) of the points θ + [m_1·diag(h); m_2·diag(h); …], and their count.
+
+    ``flat`` is θ and ``steps`` h, both (n,): one step per element. ``elements`` (an int
+    array) limits the rows to those elements (a sampled check); by default every element
+    has its rows. Row r = k·s + i moves element ``elements[i]`` by m_k·h: it is θ copied
+    once with that one element changed (θ_j + m_k·h_j, bitwise the notebook's
+    ``theta_plus``/``theta_minus``). Where the library cannot assign at integer indices,
+    θ + one_hot·m·h gives the same numbers with two more passes over the (B, n) rows.
     """
     size = steps.shape[0]
     where = device(steps)
@@ -263,25 +295,32 @@ def coordinate_rows(
         elements = xp.arange(size, device=where)
     chosen = elements.shape[0]
     factors = xp.asarray(multipliers, dtype=steps.dtype, device=where)
+    scatter = _scatters(xp)
 
     def rows(start: int, stop: int) -> Any:
         index = xp.arange(start, stop, device=where)
         element = xp.take(elements, index % chosen)
         scale = xp.take(factors, index // chosen) * xp.take(steps, element)
-        return xpx.one_hot(element, size, dtype=steps.dtype, xp=xp) * scale[:, None]
+        if scatter:
+            points = xp.asarray(xp.broadcast_to(flat[None, :], (stop - start, size)), copy=True)
+            at = (xp.arange(stop - start, device=where), element)
+            return xpx.at(points, at).set(xp.take(flat, element) + scale, xp=xp)
+        return flat[None, :] + xpx.one_hot(element, size, dtype=steps.dtype, xp=xp) * scale[:, None]
 
     return rows, len(multipliers) * chosen
 
 
-def direction_rows(directions: Any, multipliers: tuple[float, ...], *, xp: ModuleType) -> tuple[Rows, int]:
-    """rows(start, stop) of [m_1·U; m_2·U; …] for k directions U of shape (k, n) (steps included)."""
+def direction_rows(
+    flat: Any, directions: Any, multipliers: tuple[float, ...], *, xp: ModuleType
+) -> tuple[Rows, int]:
+    """rows(start, stop) of θ + [m_1·U; m_2·U; …] for k directions U of shape (k, n) (steps included)."""
     count = directions.shape[0]
     factors = xp.asarray(multipliers, dtype=directions.dtype, device=device(directions))
 
     def rows(start: int, stop: int) -> Any:
         index = xp.arange(start, stop, device=device(directions))
         scale = xp.take(factors, index // count)
-        return xp.take(directions, index % count, axis=0) * scale[:, None]
+        return flat[None, :] + xp.take(directions, index % count, axis=0) * scale[:, None]
 
     return rows, len(multipliers) * count
 
@@ -291,14 +330,16 @@ def row_group(stencil: Stencil, tensor: str | None, *, xp: ModuleType) -> RowGro
     shared by broadcasting), or with ``tensor=None`` every tensor's rows at once (all batched)."""
     layout, parts, steps, multipliers = stencil.layout, stencil.parts, stencil.steps, stencil.multipliers
     if tensor is None:
-        rows, n_rows = coordinate_rows(layout.flatten(layout.wrap(steps), xp=xp), multipliers, xp=xp)
+        flat = layout.flatten(layout.wrap(parts), xp=xp)
+        rows, n_rows = coordinate_rows(flat, layout.flatten(layout.wrap(steps), xp=xp), multipliers, xp=xp)
         return RowGroup(
-            layout.flatten(layout.wrap(parts), xp=xp),
+            flat,
             rows,
             n_rows,
             lambda batch: layout.unflatten(batch, xp=xp),
             lambda vector: layout.unflatten(vector, xp=xp),
             ", ".join(layout.names),
+            WHOLE_ROWS,
         )
     base = parts[tensor]
     shape = tuple(base.shape)
@@ -309,12 +350,15 @@ def row_group(stencil: Stencil, tensor: str | None, *, xp: ModuleType) -> RowGro
     def single(vector):
         return layout.wrap({**parts, tensor: xp.reshape(vector, shape)})
 
+    flat = xp.reshape(base, (-1,))
     if stencil.directions is not None:
-        rows, n_rows = direction_rows(stencil.directions[tensor], multipliers, xp=xp)
+        rows, n_rows = direction_rows(flat, stencil.directions[tensor], multipliers, xp=xp)
     else:
         chosen = None if stencil.elements is None else stencil.elements[tensor]
-        rows, n_rows = coordinate_rows(xp.reshape(steps[tensor], (-1,)), multipliers, xp=xp, elements=chosen)
-    return RowGroup(xp.reshape(base, (-1,)), rows, n_rows, batched, single, tensor)
+        rows, n_rows = coordinate_rows(
+            flat, xp.reshape(steps[tensor], (-1,)), multipliers, xp=xp, elements=chosen
+        )
+    return RowGroup(flat, rows, n_rows, batched, single, tensor)
 
 
 def _group_costs(
@@ -347,7 +391,12 @@ def _group_costs(
         (tensor, start, stop)
         for tensor, group in groups.items()
         for start, stop in chunk_bounds(
-            group.n_rows, group.flat.shape[0], xp.finfo(group.flat.dtype).bits // 8, memory_budget, group.name
+            group.n_rows,
+            group.flat.shape[0],
+            xp.finfo(group.flat.dtype).bits // 8,
+            memory_budget,
+            group.name,
+            group.most,
         )
     ]
     results = runner(stencil, chunks, progress)
@@ -401,7 +450,7 @@ def stencil_costs(
         and directions is None
         and mode == "stacked"
         and len(dtypes) == 1
-        and n_stencil * n_total <= MAX_CHUNK_ROWS
+        and n_stencil * n_total <= WHOLE_ROWS
         and n_stencil * n_total * n_total * itemsize <= memory_budget
     )
     stencil = Stencil(cost, parts, args, layout, steps, multipliers, elements, directions)

@@ -110,6 +110,11 @@ def test_chunk_rows_follow_the_budget():
     assert engine.chunk_rows(1000, 10, 8, 800, "W") == 10
     assert engine.chunk_rows(1000, 10, 8, 10**9, "W") == engine.MAX_CHUNK_ROWS
     assert engine.chunk_rows(5, 10, 8, 10**9, "W") == 5
+    # A large tensor: as many copies as fit CACHE_BYTES, but never fewer than MIN_CHUNK_ROWS.
+    big = engine.CACHE_BYTES // (8 * 4)  # 4 copies of it fit
+    assert engine.chunk_rows(1000, big, 8, 10**12, "W") == engine.MIN_CHUNK_ROWS
+    assert engine.chunk_rows(1000, 32768, 8, 10**12, "W") == engine.CACHE_BYTES // (32768 * 8)
+    assert engine.chunk_rows(1000, big, 8, 2 * 8 * big, "W") == 2  # the memory budget still rules
     with pytest.raises(gc.InputError, match=r"memory_budget=79 .* 'W'.* at least memory_budget=80"):
         engine.chunk_rows(1000, 10, 8, 79, "W")
 
@@ -128,7 +133,8 @@ def test_stacked_call_count_is_bounded(backend):
     engine.central_differences(
         counting_cost, params, (X, Y), layout=Layout.of(params), epsilon=1e-7, xp=xp, memory_budget=budget
     )
-    expected = sum(math.ceil(2 * size / min(engine.MAX_CHUNK_ROWS, budget // (8 * size))) for size in n.values())
+    expected = sum(math.ceil(2 * size / engine.chunk_rows(2 * size, size, 8, budget, k)) for k, size in n.items())
+    assert expected == sum(math.ceil(2 * size / min(64, budget // (8 * size))) for size in n.values())
     assert len(calls) == expected
 
 
