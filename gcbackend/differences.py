@@ -157,7 +157,7 @@ def estimate(
         right, left = rise / h, fall / h
         low[name], high[name] = xp.minimum(left, right), xp.maximum(left, right)
     first = Estimate(numeric, error, kink, low, high, float(to_host(delta)))
-    if refine <= 0 or directions is not None:
+    if refine <= 0:
         return first
     # A fourth difference far above rounding (a smooth J's is h⁴J⁗, nothing) where the
     # slopes do not jump at θ itself: a kink crossed within ±2h. Ask again, closer in.
@@ -169,25 +169,46 @@ def estimate(
     if not any(counts):
         return first
     where = {name: xp.nonzero(m)[0] for name, m in suspects.items()}
+    if directions is None:
+        narrower = dict(
+            steps={name: (p + steps[name] / REFINE_FACTOR) - p for name, p in parts.items()},
+            elements={
+                name: at if elements is None else xp.take(elements[name], at) for name, at in where.items()
+            },
+        )
+    else:  # along u/F the derivative is 1/F of the one along u: scaled back below
+        narrower = dict(
+            steps=steps,
+            directions={
+                name: xp.take(directions[name], at, axis=0) / REFINE_FACTOR for name, at in where.items()
+            },
+        )
     closer = estimate(
         cost,
         parts,
         args,
         layout=layout,
-        steps={name: (p + steps[name] / REFINE_FACTOR) - p for name, p in parts.items()},
         order=order,
         xp=xp,
         mode=mode,
         memory_budget=memory_budget,
         progress=progress,
-        elements={
-            name: at if elements is None else xp.take(elements[name], at) for name, at in where.items()
-        },
         runner=runner,
         refine=refine - 1,
         center=center,
         rounding=delta,
+        **narrower,
     )
+    if directions is not None:
+        closer = Estimate(
+            **{
+                field: {name: v * REFINE_FACTOR for name, v in getattr(closer, field).items()}
+                for field in ("numeric", "error", "low", "high")
+            },
+            kink=closer.kink,
+            rounding=closer.rounding,
+            refined=closer.refined,
+        )
     merged = {field: {} for field in ("numeric", "error", "kink", "low", "high")}
     for (name, mask), count in zip(suspects.items(), counts):
         shape = tuple(first.numeric[name].shape)

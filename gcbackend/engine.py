@@ -464,8 +464,9 @@ def stencil_costs(
             grid = layout.as_dict(layout.unflatten(xp.reshape(costs, (n_stencil, n_total)), xp=xp))
             return {name: grid[name] for name in layout.names}
 
-    # A tensor with no elements chosen (a refinement that left it alone) gets no call.
-    tensors = tuple(name for name in parts if elements is None or elements[name].shape[0] > 0)
+    # A tensor with no elements or directions (a refinement that left it alone) gets no call.
+    chosen = elements if elements is not None else directions
+    tensors = tuple(name for name in parts if chosen is None or chosen[name].shape[0] > 0)
     costs = _group_costs(stencil, tensors, **evaluation)
     full = elements is None and directions is None
     return {

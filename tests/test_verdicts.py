@@ -157,6 +157,20 @@ def test_a_kink_crossed_within_2h_is_refined_not_averaged(backend):
     assert fixed.evaluations == 4 * 8 + 1 and fixed.parameters["theta"].verdict != "fail"
 
 
+def test_fast_screen_refines_directions_that_cross_a_kink(backend):
+    # The kink 1.6·h₀ above θ₀; rows are u·max(h) = 2h₀·u, so the unit directions with
+    # |u₀| > 0.4 cross it within ±2 rows (2 of these 8: the other 6 still measure δ), and
+    # none within ±2 rows / 100.
+    theta, c, cost, grad, _ = _near_kink(backend, 1.6)
+    report = gc.check(cost, theta, grad, c, mode="directions", directions=8)
+    assert report.verdict == "pass", str(report)
+    assert report.difference < 1e-8
+    assert report.evaluations > 4 * 8 + 1
+    assert any("evaluated again" in note for note in report.notes)
+    scale = backend.xp.asarray([0.99] + [1.0] * 7, dtype=backend.xp.float64, device=backend.device)
+    assert gc.check(cost, theta, grad * scale, c, mode="directions", directions=8).verdict == "fail"
+
+
 def test_no_refinement_away_from_kinks(backend):
     theta, c, cost, grad, _ = _near_kink(backend, 1000.0)
     report = gc.check(cost, theta, grad, c)
@@ -223,6 +237,24 @@ def test_fast_screen_catches_a_bug_nonnegative_directions_miss(backend):
     )
     assert report.faults == ("W1",)
     assert report.evaluations == 4 * 4 * 6 + 1
+
+
+def test_fast_screen_on_a_wide_relu_net_no_false_alarm_and_one_element_caught(backend):
+    """Unit directions move θ by h, like a coordinate step. Raw Gaussian ones moved a
+    40,000-element W1 by h·200 and crossed ReLU kinks in every direction: the correct
+    backprop of this net failed the screen (difference 2.6e-3 > 10× its error bar)."""
+    X, Y, params = mlp.random_case([200, 200, 1], 64, seed=0, xp=backend.xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+    report = gc.check(mlp.cost, params, grads, X, Y, mode="directions")
+    assert report.verdict == "pass", str(report)
+    assert report.difference < 1e-8
+    wrong = dict(grads)
+    w1 = host(grads["W1"]).copy()
+    flat = w1.reshape(-1)
+    flat[np.argmax(np.abs(flat))] *= 1.01  # one element of 40,000, off by 1 %
+    wrong["W1"] = w1
+    caught = gc.check(mlp.cost, params, wrong, X, Y, mode="directions", backend=backend.xp, device=backend.device)
+    assert caught.faults == ("W1",), str(caught)
 
 
 def test_inconclusive_when_the_cost_is_too_noisy(backend):
