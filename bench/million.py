@@ -105,7 +105,9 @@ def main() -> None:
             lambda g=g: gc.check(mlp.cost, params, g, X, Y, mode="directions", directions=8, progress=False)
         )
         record(f"fast screen, {label}", seconds, report)
-        seconds, report = timed(lambda g=g: gc.check(mlp.cost, params, g, X, Y, sample=SUBSET, progress=False))
+        seconds, report = timed(
+            lambda g=g: gc.check(mlp.cost, params, g, X, Y, sample=SUBSET, progress=False)
+        )
         record(f"sampled check (64/tensor), {label}", seconds, report)
 
     # The full check, per tensor: SUBSET coordinates of each at ±ε, the default chunking.
@@ -120,7 +122,13 @@ def main() -> None:
         chosen[name] = np.linspace(0, p.size - 1, k).astype(np.int64)
         seconds, _ = timed(
             lambda chosen=chosen: engine.stencil_costs(
-                mlp.cost, params, (X, Y), layout=layout, steps=steps, multipliers=(1.0, -1.0), xp=xp,
+                mlp.cost,
+                params,
+                (X, Y),
+                layout=layout,
+                steps=steps,
+                multipliers=(1.0, -1.0),
+                xp=xp,
                 elements=chosen,
             )
         )
@@ -137,7 +145,11 @@ def main() -> None:
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "model": {"dims": dims, "m": options.m, "parameters": n, "bug_at": list(bad_index)},
         "peak_mib_after_case": base,
         "rows": rows,

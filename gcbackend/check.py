@@ -637,9 +637,7 @@ def _compare(
         worst = xp.argsort(error[start:stop], descending=True, stable=True)[:k]
         top = xp.take(sides[start:stop, :], worst, axis=0)
         packed.append(
-            xp.concat(
-                [xp.sum(columns[start:stop, :], axis=0), xp.astype(worst, dtype), top[:, 0], top[:, 1]]
-            )
+            xp.concat([xp.sum(columns[start:stop, :], axis=0), xp.astype(worst, dtype), top[:, 0], top[:, 1]])
         )
         counts[name] = (k, stop - start)
     overall = xp.astype(
@@ -653,7 +651,9 @@ def _compare(
         xp.float64,
     )
     # Everything the report prints crosses to the host in one transfer (one device sync).
-    values = [float(v) for v in to_host(xp.concat([overall, xp.astype(xp.concat(packed), xp.float64)])).tolist()]
+    values = [
+        float(v) for v in to_host(xp.concat([overall, xp.astype(xp.concat(packed), xp.float64)])).tolist()
+    ]
     masks = {name: (~finite[start:stop], kink[start:stop]) for name, (start, stop) in zip(names, bounds)}
     compared = {name: n[start:stop] for name, (start, stop) in zip(names, bounds)}
 

@@ -162,9 +162,7 @@ def estimate(
     # A fourth difference far above rounding (a smooth J's is h⁴J⁗, nothing) where the
     # slopes do not jump at θ itself: a kink crossed within ±2h. Ask again, closer in.
     gross = KINK_SIGNIFICANCE * 70.0**0.5 * delta
-    suspects = {
-        name: xp.reshape((xp.abs(fourth[name]) > gross) & ~kink[name], (-1,)) for name in pieces
-    }
+    suspects = {name: xp.reshape((xp.abs(fourth[name]) > gross) & ~kink[name], (-1,)) for name in pieces}
     counts = to_host(xp.stack([xp.sum(xp.astype(m, xp.int64)) for m in suspects.values()])).tolist()
     if not any(counts):
         return first
@@ -220,7 +218,10 @@ def estimate(
         slot = xp.clip(xp.cumulative_sum(xp.astype(mask, xp.int64)) - 1, min=0)
         better = mask & (xp.take(closer.error[name], slot) < xp.reshape(first.error[name], (-1,)))
         for field, out in merged.items():
-            old, new = xp.reshape(getattr(first, field)[name], (-1,)), xp.take(getattr(closer, field)[name], slot)
+            old, new = (
+                xp.reshape(getattr(first, field)[name], (-1,)),
+                xp.take(getattr(closer, field)[name], slot),
+            )
             out[name] = xp.reshape(xp.where(better, new, old), shape)
     return Estimate(**merged, rounding=first.rounding, refined=sum(counts) + closer.refined)
 

@@ -77,5 +77,7 @@ def test_parameter_like_extra_key_refused():
 
 def test_shape_mismatch_names_both_shapes():
     params = {"W": np.ones((2, 3))}
-    with pytest.raises(gc.InputError, match=r"grads\['W'\] has shape \(3, 2\) but params\['W'\] has shape \(2, 3\)"):
+    with pytest.raises(
+        gc.InputError, match=r"grads\['W'\] has shape \(3, 2\) but params\['W'\] has shape \(2, 3\)"
+    ):
         gc.check(lambda p: p["W"].sum(), params, {"dW": np.ones((3, 2))})

@@ -135,7 +135,9 @@ def _near_kink(backend, distance):
     def cost(t, c):
         return xp.abs(t[..., 0] - c) + xp.sum(xp.sin(t[..., 1:]), axis=-1)
 
-    grad = xp.asarray([-1.0] + [float(np.cos(v)) for v in values[1:]], dtype=xp.float64, device=backend.device)
+    grad = xp.asarray(
+        [-1.0] + [float(np.cos(v)) for v in values[1:]], dtype=xp.float64, device=backend.device
+    )
     return theta, c, cost, grad, h
 
 
@@ -253,7 +255,9 @@ def test_fast_screen_on_a_wide_relu_net_no_false_alarm_and_one_element_caught(ba
     flat = w1.reshape(-1)
     flat[np.argmax(np.abs(flat))] *= 1.01  # one element of 40,000, off by 1 %
     wrong["W1"] = w1
-    caught = gc.check(mlp.cost, params, wrong, X, Y, mode="directions", backend=backend.xp, device=backend.device)
+    caught = gc.check(
+        mlp.cost, params, wrong, X, Y, mode="directions", backend=backend.xp, device=backend.device
+    )
     assert caught.faults == ("W1",), str(caught)
 
 
