@@ -15,7 +15,10 @@ The engine knows nothing of models or of checking; it sees a cost, arrays and ro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -28,12 +31,12 @@ from .errors import CostError, InputError
 from .params import Layout
 
 __all__ = [
-    "DEFAULT_MEMORY_BUDGET",
     "CACHE_BYTES",
+    "DEFAULT_MEMORY_BUDGET",
     "MAX_CHUNK_ROWS",
     "MIN_CHUNK_ROWS",
-    "WHOLE_ROWS",
     "MODES",
+    "WHOLE_ROWS",
     "Chunk",
     "RowGroup",
     "Runner",
@@ -61,6 +64,11 @@ CACHE_BYTES = 8 * 2**20
 """Perturbed copies per stacked call, at most (with at least MIN_CHUNK_ROWS rows): the
 copies of a large tensor are read once by the first GEMM and should still be in cache."""
 MIN_CHUNK_ROWS = 8
+TUNE_MIN_ROWS = 2048
+"""A tensor with at least this many rows, on a library that computes on the host, has its
+rows per call measured rather than fixed (see ``_tuned_sizes``)."""
+TUNE_SIZES = (4, 8, 16, 32, 64, 128, 256)
+TUNE_CALLS = 2
 WHOLE_ROWS = 256
 """A θ whose stencil has at most this many rows is done in ONE call with every tensor
 batched (the seed case: 94 or 188 rows), where per-call overhead dominates."""
@@ -182,7 +190,8 @@ def _as_costs(out: Any, expected: tuple[int, ...], *, xp, name, start, stop, sta
             f"perturbing parameter {name!r}; expected shape {expected}. "
             + (_CONTRACT if stacked else "In mode='loop' the cost must return a scalar.")
         )
-    return out
+    # A copy where rows live in a reused buffer: a cost may return a view of its inputs.
+    return xp.asarray(out, copy=True) if _reuses(xp) else out
 
 
 def evaluate_rows(
@@ -219,15 +228,73 @@ def evaluate_rows(
             if progress is not None:
                 progress(1)
         return xp.stack(costs)
-    for start, stop in chunk_bounds(n_rows, size, xp.finfo(flat.dtype).bits // 8, memory_budget, name, most):
+    itemsize = xp.finfo(flat.dtype).bits // 8
+    static = chunk_rows(n_rows, size, itemsize, memory_budget, name, most)  # validates the budget too
+    seconds: list[float] = []
+    if n_rows >= TUNE_MIN_ROWS and _timed_on_host(xp, flat):
+        sizes = _tuned_sizes(min(n_rows // 4, memory_budget // (size * itemsize)), seconds, static)
+    else:
+        sizes = itertools.repeat(static)
+    start = 0
+    while start < n_rows:
+        stop = min(start + next(sizes), n_rows)
+        began = time.perf_counter()
         costs.append(
             _stacked(
                 cost, args, flat=flat, rows=rows, batched=batched, name=name, start=start, stop=stop, xp=xp
             )
         )
+        seconds.append((time.perf_counter() - began) / (stop - start))
         if progress is not None:
             progress(stop - start)
+        start = stop
     return costs[0] if len(costs) == 1 else xp.concat(costs)
+
+
+def _timed_on_host(xp: ModuleType, array: Any) -> bool:
+    """Whether a wall clock around a cost call measures its work: NumPy, and PyTorch on the
+    CPU, compute eagerly on the host. A GPU library returns before its kernels finish (and
+    wants the largest batch anyway); the other namespaces are not used for speed."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return True
+    return array_api_compat.is_torch_namespace(xp) and str(device(array)) == "cpu"
+
+
+def _tuned_sizes(limit: int, seconds: list[float], static: int) -> Iterator[int]:
+    """Rows per stacked call, chosen by measuring: the caller appends each call's seconds
+    per row to ``seconds`` before asking for the next size.
+
+    The fastest batch cannot be predicted from sizes alone. Larger batches make larger,
+    faster GEMMs, until the cost's temporaries outgrow what the allocator keeps: with
+    glibc's malloc, freed blocks of a few hundred KiB go back to the OS and page-fault in
+    again at every call (~1.4 µs a page on the 2-core VM of bench/run.py). On its M model
+    (64-32-16-1, m = 128) the whole check took 138 ms at 8 rows per call and 298 ms at 12,
+    with 88,000 page faults against 250. So the first calls over a tensor with many rows
+    try TUNE_SIZES in turn (TUNE_CALLS calls each, the fastest counts, stopping once a size
+    is 25 % slower than the best so far), and the rest go at the fastest. Trial calls are
+    real rows, so nothing is evaluated twice; trials use at most ``limit`` rows in all (a
+    quarter of the tensor's rows, and the memory budget caps every size). The results do
+    not depend on the batch size: each row's cost is computed on its own.
+    """
+    trials, used = [], 0
+    for size in TUNE_SIZES:
+        used += TUNE_CALLS * size
+        if size > limit or used > limit:
+            break
+        trials.append(size)
+    if len(trials) < 2:
+        yield from itertools.repeat(static)
+    best, best_rate = static, math.inf
+    for size in trials:
+        rate = math.inf
+        for _ in range(TUNE_CALLS):
+            yield size
+            rate = min(rate, seconds[-1])
+        if rate < best_rate:
+            best, best_rate = size, rate
+        elif rate > 1.25 * best_rate:
+            break
+    yield from itertools.repeat(best)
 
 
 def _stacked(cost, args, *, flat, rows, batched, name, start, stop, xp):
@@ -277,6 +344,13 @@ def _scatters(xp: ModuleType) -> bool:
     )
 
 
+def _reuses(xp: ModuleType) -> bool:
+    """Whether rows can be written into the previous call's buffer: the libraries with
+    in-place integer scatter (JAX's arrays are immutable). The costs are then copied out
+    of every call, in case the cost returned a view of its inputs."""
+    return _scatters(xp) and not array_api_compat.is_jax_namespace(xp)
+
+
 def coordinate_rows(
     flat: Any, steps: Any, multipliers: tuple[float, ...], *, xp: ModuleType, elements: Any = None
 ) -> tuple[Rows, int]:
@@ -295,17 +369,33 @@ def coordinate_rows(
         elements = xp.arange(size, device=where)
     chosen = elements.shape[0]
     factors = xp.asarray(multipliers, dtype=steps.dtype, device=where)
-    scatter = _scatters(xp)
+    scatter, reuse = _scatters(xp), _reuses(xp)
+    held: list[Any] = []  # the (B, n) buffer of the previous call, where it can be reused
 
     def rows(start: int, stop: int) -> Any:
+        count = stop - start
         index = xp.arange(start, stop, device=where)
         element = xp.take(elements, index % chosen)
         scale = xp.take(factors, index // chosen) * xp.take(steps, element)
-        if scatter:
-            points = xp.asarray(xp.broadcast_to(flat[None, :], (stop - start, size)), copy=True)
-            at = (xp.arange(stop - start, device=where), element)
-            return xpx.at(points, at).set(xp.take(flat, element) + scale, xp=xp)
-        return flat[None, :] + xpx.one_hot(element, size, dtype=steps.dtype, xp=xp) * scale[:, None]
+        if not scatter:
+            return flat[None, :] + xpx.one_hot(element, size, dtype=steps.dtype, xp=xp) * scale[:, None]
+        at = (xp.arange(count, device=where), element)
+        values = xp.take(flat, element) + scale
+        if held and held[0].shape[0] >= count:
+            # Refill the previous call's buffer (all of it, so a cost that wrote into its
+            # inputs cannot leak into these rows): memory already touched, where fresh
+            # rows page-fault in at every call. On the L model of bench/run.py a row of
+            # W1 (256 KiB) took ~90 µs to fault in and ~15 µs to refill.
+            points = held[0][:count, ...]
+            points[...] = flat
+            return xpx.at(points, at).set(values, copy=False, xp=xp)
+        # tile, not asarray(broadcast_to(...), copy=True): NumPy copies a broadcast view in
+        # its own stride order, which is Fortran order here, and the GEMMs reading these
+        # rows then ran ~2x slower (measured on the L model of bench/run.py).
+        points = xpx.at(xp.tile(flat[None, :], (count, 1)), at).set(values, xp=xp)
+        if reuse:
+            held[:] = [points]
+        return points
 
     return rows, len(multipliers) * chosen
 

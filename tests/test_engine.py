@@ -25,7 +25,9 @@ def _numeric(backend, dims, m, **options):
     X, Y, params = mlp.random_case(dims, m, seed=len(dims) + m, xp=backend.xp, device=backend.device)
     xp = backend.xp
     layout = Layout.of(params)
-    numeric = engine.central_differences(mlp.cost, params, (X, Y), layout=layout, epsilon=1e-7, xp=xp, **options)
+    numeric = engine.central_differences(
+        mlp.cost, params, (X, Y), layout=layout, epsilon=1e-7, xp=xp, **options
+    )
     max_cost = float(host(mlp.cost(params, X, Y)))
     return numeric, max_cost, params
 
@@ -63,11 +65,21 @@ def test_one_row_chunks_match_loop_bitwise_on_numpy():
     X, Y, params = mlp.seed_case()
     layout = Layout.of(params)
     one_row = engine.central_differences(
-        mlp.cost, params, (X, Y), layout=layout, epsilon=1e-7, xp=gc.backends.resolve("numpy", []).xp,
+        mlp.cost,
+        params,
+        (X, Y),
+        layout=layout,
+        epsilon=1e-7,
+        xp=gc.backends.resolve("numpy", []).xp,
         memory_budget=8 * 20,
     )
     loop = engine.central_differences(
-        mlp.cost, params, (X, Y), layout=layout, epsilon=1e-7, xp=gc.backends.resolve("numpy", []).xp,
+        mlp.cost,
+        params,
+        (X, Y),
+        layout=layout,
+        epsilon=1e-7,
+        xp=gc.backends.resolve("numpy", []).xp,
         mode="loop",
     )
     for name in params:
@@ -85,7 +97,13 @@ def test_rows_are_the_notebooks_perturbed_vectors(backend):
         return mlp.cost(p, X, Y)
 
     engine.central_differences(
-        recording_cost, params, (X, Y), layout=Layout.of(params), epsilon=1e-7, xp=xp, memory_budget=8 * 20 * 7
+        recording_cost,
+        params,
+        (X, Y),
+        layout=Layout.of(params),
+        epsilon=1e-7,
+        xp=xp,
+        memory_budget=8 * 20 * 7,
     )
     base = {k: host(v) for k, v in params.items()}
     rows = []
@@ -133,7 +151,9 @@ def test_stacked_call_count_is_bounded(backend):
     engine.central_differences(
         counting_cost, params, (X, Y), layout=Layout.of(params), epsilon=1e-7, xp=xp, memory_budget=budget
     )
-    expected = sum(math.ceil(2 * size / engine.chunk_rows(2 * size, size, 8, budget, k)) for k, size in n.items())
+    expected = sum(
+        math.ceil(2 * size / engine.chunk_rows(2 * size, size, 8, budget, k)) for k, size in n.items()
+    )
     assert expected == sum(math.ceil(2 * size / min(64, budget // (8 * size))) for size in n.values())
     assert len(calls) == expected
 
@@ -171,3 +191,98 @@ def test_a_runner_gets_every_tensors_chunks_at_once_and_changes_no_bit(backend, 
     for name in params:
         assert_on(remote[name], backend)
         assert host(remote[name]).tobytes() == host(local[name]).tobytes(), name
+
+
+def _tuned_case(backend, size=1500):
+    """A quadratic J(w) = Σ c·w² over 2·size ≥ TUNE_MIN_ROWS rows: big enough to be tuned."""
+    assert 2 * size >= engine.TUNE_MIN_ROWS
+    xp = backend.xp
+    host_w = np.linspace(-1.0, 1.0, size)
+    w = xp.asarray(host_w, dtype=xp.float64, device=backend.device)
+    c = xp.asarray(np.linspace(0.5, 2.0, size), dtype=xp.float64, device=backend.device)
+    return {"w": w}, c, host_w
+
+
+def test_measured_chunk_sizes_stay_in_the_budget_and_change_no_bit(backend):
+    # On NumPy and torch CPU the rows per call are measured (engine._tuned_sizes); on every
+    # backend the answer must be the one of fixed chunks, bit for bit (each row's cost is
+    # computed on its own), and no call may hold more rows than the memory budget allows.
+    xp = backend.xp
+    params, c, _ = _tuned_case(backend)
+    sizes = []
+
+    def cost(p, c):
+        sizes.append(p["w"].shape[0] if p["w"].ndim == 2 else 1)
+        return xp.sum(c * p["w"] * p["w"], axis=-1)
+
+    layout = Layout.of(params)
+    budget = 40 * 1500 * 8  # 40 rows of w per call, at most
+    tuned = engine.central_differences(
+        cost, params, (c,), layout=layout, epsilon=1e-6, xp=xp, memory_budget=budget
+    )
+    assert sum(sizes) == 3000 and max(sizes) <= 40
+    if engine._timed_on_host(xp, params["w"]):
+        # The trials first: TUNE_SIZES in order, two calls each, within the budget (which
+        # sizes are tried past the first two depends on the clock); then the fastest of them.
+        tried = []
+        while len(tried) < len(engine.TUNE_SIZES) and sizes[2 * len(tried)] == engine.TUNE_SIZES[len(tried)]:
+            assert sizes[2 * len(tried) + 1] == engine.TUNE_SIZES[len(tried)]
+            tried.append(engine.TUNE_SIZES[len(tried)])
+        assert tried[:2] == [4, 8] and max(tried) <= 40
+        rest = sizes[2 * len(tried) : -1]  # the last call holds what is left
+        assert len(set(rest)) == 1 and rest[0] in tried
+    fixed_sizes = list(sizes)
+    sizes.clear()
+    fixed = engine.central_differences(
+        cost, params, (c,), layout=layout, epsilon=1e-6, xp=xp, memory_budget=budget, mode="loop"
+    )
+    assert len(sizes) == 3000  # the loop: one row per call
+    assert host(tuned["w"]).tobytes() == host(fixed["w"]).tobytes(), fixed_sizes[:20]
+
+
+def test_a_cost_returning_a_view_of_its_inputs_is_not_overwritten(backend):
+    # Rows are written into the previous call's buffer where the library allows it; a cost
+    # that returns a view of its inputs (here J(w) = w_0) must still get its own costs.
+    params, _, _ = _tuned_case(backend)
+    layout = Layout.of(params)
+    numeric = engine.central_differences(
+        lambda p: p["w"][..., 0], params, (), layout=layout, epsilon=1e-3, xp=backend.xp
+    )
+    expected = np.zeros(1500)
+    expected[0] = 1.0
+    assert_on(numeric["w"], backend)
+    np.testing.assert_allclose(host(numeric["w"]), expected, rtol=0, atol=1e-9)
+
+
+def test_a_cost_writing_into_its_inputs_cannot_spoil_later_rows(backend):
+    # A reused buffer is refilled whole before every call, not just where the last rows
+    # differed: a cost that zeroes its inputs after reading them gets the right gradient.
+    xp = backend.xp
+    params, c, host_w = _tuned_case(backend)
+    layout = Layout.of(params)
+
+    def vandal(p, c):
+        J = xp.sum(c * p["w"] * p["w"], axis=-1)
+        p["w"][...] = 0.0
+        return J
+
+    numeric = engine.central_differences(vandal, params, (c,), layout=layout, epsilon=1e-3, xp=xp)
+    np.testing.assert_allclose(
+        host(numeric["w"]), 2 * np.linspace(0.5, 2.0, 1500) * host_w, rtol=0, atol=1e-8
+    )
+
+
+def test_rows_are_c_contiguous_on_numpy():
+    # A C-ordered (B, n) stack: NumPy copies a broadcast view in Fortran order, and the GEMMs
+    # over such rows ran ~2x slower on the L model of bench/run.py.
+    import array_api_compat.numpy as xp
+
+    flat = xp.reshape(xp.asarray(np.arange(12.0)), (-1,))
+    rows, _ = engine.coordinate_rows(flat, xp.full((12,), 0.5), (1.0, -1.0), xp=xp)
+    for start, stop in [(0, 5), (5, 9), (9, 24)]:  # a fresh buffer, a reused one, a larger one
+        points = rows(start, stop)
+        assert points.flags["C_CONTIGUOUS"] and points.shape == (stop - start, 12)
+        expected = np.tile(np.arange(12.0), (stop - start, 1))
+        for r in range(start, stop):
+            expected[r - start, r % 12] += 0.5 if r < 12 else -0.5
+        assert points.tobytes() == expected.tobytes()
