@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -85,6 +86,41 @@ def test_report_is_bitwise_the_local_one(client, case, settings):
     assert_same_report(remote, local)
     assert remote.verdict == ("fail" if case == "seed" else "pass")
     assert isinstance(remote.parameters["W1"].numeric_grad, np.ndarray)  # back on the backend
+
+
+@needs_dask
+def test_inputs_travel_once_and_a_task_is_only_its_chunk_bounds(client, monkeypatch):
+    # The design: the cost, args and parameters go to every worker once per check (one
+    # broadcast scatter), and each task carries only (tensor, start, stop); the workers
+    # rebuild their rows. Nothing of size N (let alone (2N, N)) rides with a task.
+    X, Y, params, grads = _mid()
+    scatters, task_lists = [], []
+    real_scatter, real_map = client.scatter, client.map
+
+    def scatter(data, **options):
+        scatters.append(options)
+        return real_scatter(data, **options)
+
+    def spy_map(func, chunks, **options):
+        task_lists.append(list(chunks))
+        assert set(options) == {"key", "payload"}  # the scattered payload, by reference
+        return real_map(func, task_lists[-1], **options)
+
+    monkeypatch.setattr(client, "scatter", scatter)
+    monkeypatch.setattr(client, "map", spy_map)
+    report = gc.check(mlp.cost, params, grads, X, Y, client=client, **gc.NOTEBOOK)
+    assert report.verdict == "pass" and report.evaluations == 2 * 841
+    assert len(scatters) == 1 and scatters[0]["broadcast"] is True
+    assert len(task_lists) == 1
+    tasks = task_lists[0]
+    assert all(
+        len(task) == 3 and task[0] in params and isinstance(task[1], int) and isinstance(task[2], int)
+        for task in tasks
+    ), tasks[:3]
+    for name, p in params.items():  # every row of every tensor, once, in order
+        spans = [(start, stop) for tensor, start, stop in tasks if tensor == name]
+        assert spans[0][0] == 0 and spans[-1][1] == 2 * p.size
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
 @needs_dask

@@ -455,3 +455,14 @@ def test_report_holds_no_views_of_backend_inputs(backend):
     for name, result in report.parameters.items():
         assert host(result.analytic_grad).tobytes() == before[name][0].tobytes()
         assert host(result.numeric_grad).tobytes() == before[name][1].tobytes()
+
+
+def test_the_documented_hierarchy():
+    # README's errors table: one base to catch them all, and the builtin each one also is.
+    assert issubclass(gc.InputError, gc.GradCheckError) and issubclass(gc.InputError, ValueError)
+    assert issubclass(gc.InputTypeError, gc.InputError) and issubclass(gc.InputTypeError, TypeError)
+    assert issubclass(gc.CostError, gc.GradCheckError) and not issubclass(gc.CostError, ValueError)
+    assert issubclass(gc.BackendUnavailableError, gc.GradCheckError)
+    assert issubclass(gc.BackendUnavailableError, ImportError)
+    with pytest.raises(ValueError, match=r"epsilon=-1"):  # caught as the builtin too
+        gc.check(lambda p: p * 2.0, 1.0, 2.0, epsilon=-1)

@@ -2,10 +2,14 @@
 
 Over 2–4 layers of widths 1–8, batches of 1–16 examples and any seed:
 
-* stacked equals loop to the rounding bound |stacked − loop| ≤ 4·eps·max|J|/ε;
+* stacked equals loop to the rounding bound |stacked − loop| ≤ 4·eps·(max|J| + S)/ε, where S is
+  J's first-order sensitivity to the summation order of its GEMMs (see _rounding_bound);
 * a correct backprop passes;
 * one gradient element off by a relative 1e-3 fails, localised to its parameter and index;
 * NumPy, array-api-strict and PyTorch agree to the same bound.
+
+Where the evaluation order is the same (NumPy stacked and loop) the numbers are bitwise
+equal, and test_engine holds every backend to the issue's 4·eps·max|J|/ε on its models.
 
 ``GCBACKEND_HYPOTHESIS_PROFILE=deep`` searches harder (see conftest.py).
 """
@@ -66,8 +70,36 @@ def _smooth_case(dims, m, seed):
     return X, Y, params, grads
 
 
+def _summation_sensitivity(X, Y, params) -> float:
+    """Σ_l Σ |∂J/∂Z_l| ⊙ (|W_l| |A_{l-1}| + |b_l|): how far J moves, to first order, when every
+    pre-activation is off by one relative rounding of the terms it sums.
+
+    Two libraries (or a batched and an unbatched GEMM) may sum Z_l = W_l A_{l-1} + b_l in
+    different orders; each Z_l then differs by up to a few ulps of |W_l||A_{l-1}| + |b_l|,
+    not of |Z_l|, and reaches J through ∂J/∂Z_l, which |J| does not bound.
+    """
+    cache = mlp.forward(params, X)
+    layers, m = len(params) // 2, X.shape[1]
+    dZ, total = (cache[-1][1] - Y) / m, 0.0  # ∂J/∂Z_L of the mean cross-entropy
+    for layer in range(layers, 0, -1):
+        A_prev = cache[layer - 2][1] if layer > 1 else X
+        W, b = params[f"W{layer}"], params[f"b{layer}"]
+        total += float(np.sum(np.abs(dZ) * (np.abs(W) @ np.abs(A_prev) + np.abs(b))))
+        if layer > 1:
+            dZ = (W.T @ dZ) * (A_prev > 0)
+    return total
+
+
 def _rounding_bound(X, Y, params, grads) -> float:
-    """4·eps·max(max|J|, 1)/ε, the bound of the core issue (and of test_engine).
+    """4·eps·(max(max|J|, 1) + S)/ε, with S = ``_summation_sensitivity``.
+
+    The core issue's bound is 4·eps·max|J|/ε: J⁺ and J⁻ each rounded differently by ~2
+    ulps of J. That holds where the evaluation order is the same (NumPy stacked and loop
+    are bitwise equal) but not across summation orders: these properties found torch's
+    GEMMs against NumPy's at 1.9× it (layers [7, 5, 5], m = 11, seed 183) and torch's
+    batched against its unbatched ones at 1.55× (layers [7, 6, 1], m = 1, seed 0), with
+    J ≈ 3.9 but S ≈ 5.4 and 11.4. S is the missing term; both cases sit at 0.39–0.78× the
+    bound with it (tests below keep them).
 
     max|J| over θ ± εe_i is |J(θ)| + ε·max|g| to first order. The floor of 1: a confident
     net has J = −log A with A ≈ 1, and A's rounding (absolute, ~eps) passes to J unscaled,
@@ -76,7 +108,8 @@ def _rounding_bound(X, Y, params, grads) -> float:
     """
     largest_grad = max(float(np.max(np.abs(g))) for g in grads.values())
     max_cost = abs(float(mlp.cost(params, X, Y))) + EPSILON * largest_grad
-    return 4 * EPS64 * max(max_cost, 1.0) / EPSILON * (1 + 1e-6)
+    sensitivity = _summation_sensitivity(X, Y, params)
+    return 4 * EPS64 * (max(max_cost, 1.0) + sensitivity) / EPSILON * (1 + 1e-6)
 
 
 def _numeric(report) -> dict[str, np.ndarray]:
@@ -174,20 +207,14 @@ def test_backends_agree(net):
             _assert_within(found, reference, bound, f"{backend.name} vs numpy, {mode}")
 
 
-@pytest.mark.xfail(
-    reason="found by these properties: with every tensor batched in one call (the engine's "
-    "small-model path), torch's batched GEMMs round the pre-activations differently, and that "
-    "reaches J through dJ/dZ, which |J| does not bound: torch stacked differs from torch loop "
-    "and from NumPy by up to ~1.9x the 4*eps*max(|J|, 1)/eps bound. NumPy, array-api-strict "
-    "and torch's per-tensor path stay within it. Kept as a record until the bound or the "
-    "engine changes.",
-    strict=False,
-)
+# Cases these properties found over the issue's 4·eps·max|J|/ε (see _rounding_bound), kept
+# as regressions of the bound with its summation term: torch stacked (every tensor batched
+# in one call) against torch loop, and against NumPy.
 @pytest.mark.parametrize(
     ("dims", "m", "seed", "reference"),
     [([7, 5, 5], 11, 183, "torch loop"), ([7, 6, 1], 1, 0, "numpy stacked")],
 )
-def test_torch_whole_batch_rounding_known_cases(dims, m, seed, reference):
+def test_torch_stacked_stays_within_the_bound_on_known_cases(dims, m, seed, reference):
     pytest.importorskip("torch")
     torch_backend = gc.backends.resolve("torch", [])
     X, Y, params, grads = _host_case(dims, m, seed)

@@ -282,3 +282,45 @@ def test_options_are_validated():
         gc.check(lambda t: t * t, 1.0, 2.0, mode="directions", directions=0)
     with pytest.raises(gc.InputError, match="sample=0"):
         gc.check(lambda t: t * t, 1.0, 2.0, sample=0)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_auto_steps_follow_the_dtype_and_the_magnitude(backend, dtype):
+    # h = (1000·eps)^(1/3)·max(1, |θ|) for order 2 (power 1/5 for order 4), rounded so that
+    # θ + h is exact: the step the cost sees is the step the quotient divides by.
+    xp = backend.xp
+    values = np.array([0.0, 0.5, -1.0, 3.0, -1e3, 123.456], dtype=dtype)
+    theta = xp.asarray(values, device=backend.device)
+    for order, power in ((2, 1 / 3), (4, 1 / 5)):
+        h = differences.auto_steps({"t": theta}, order=order, xp=xp)["t"]
+        assert h.dtype == theta.dtype and tuple(h.shape) == (6,)
+        steps = host(h)
+        nominal = (1000 * float(np.finfo(dtype).eps)) ** power * np.maximum(1.0, np.abs(values))
+        np.testing.assert_allclose(steps, nominal, rtol=float(np.finfo(dtype).eps) * 1e4)
+        assert np.all((values + steps) - values == steps)  # exact in the dtype
+    # About 6.1e-5 in float64 and 4.9e-2 in float32 at |θ| ≤ 1: the dtype sets the scale.
+    assert (
+        5e-5
+        < float(host(differences.auto_steps({"t": theta}, order=2, xp=xp)["t"])[0])
+        < (1e-4 if dtype == "float64" else 1e-1)
+    )
+
+
+@pytest.mark.parametrize("options", [{"mode": "directions"}, {"sample": 4}], ids=str)
+def test_screens_and_samples_never_touch_the_users_rng(options):
+    # Directions and samples come from their own seeded generator: the global NumPy state
+    # is untouched, the same seed gives the same report, another seed other directions.
+    X, Y, params = mlp.seed_case()
+    grads = mlp.backward_with_planted_bugs(params, X, Y)
+    np.random.seed(12345)
+    before = np.random.get_state()[1].copy()
+    first = gc.check(mlp.cost, params, grads, X, Y, seed=7, **options)
+    assert np.array_equal(np.random.get_state()[1], before)
+    again = gc.check(mlp.cost, params, grads, X, Y, seed=7, **options)
+    other = gc.check(mlp.cost, params, grads, X, Y, seed=8, **options)
+    assert str(first) == str(again)
+    assert first.faults == again.faults == ("b1", "W2")
+    assert (
+        host(other.parameters["W1"].numeric_grad).tobytes()
+        != host(first.parameters["W1"].numeric_grad).tobytes()
+    )
