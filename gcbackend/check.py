@@ -12,7 +12,15 @@ from typing import Any
 import array_api_compat
 
 from . import differences, engine
-from .backends import Backend, host_random, is_array, resolve, to_backend, to_host
+from .backends import (
+    Backend,
+    host_random,
+    is_array,
+    prime_host_allocator,
+    resolve,
+    to_backend,
+    to_host,
+)
 from .errors import InputError, InputTypeError
 from .params import SINGLE, Layout, match_grads
 from .report import ElementError, ParameterResult, Report
@@ -330,6 +338,7 @@ def check(
     inputs = [*params.values(), *picked.values(), *args]
     chosen = resolve(backend, [a for a in inputs if is_array(a)], device)
     xp = chosen.xp
+    prime_host_allocator()
 
     parts = {name: _to_float_array(value, chosen, f"params[{name!r}]") for name, value in params.items()}
     for name, part in parts.items():

@@ -145,3 +145,15 @@ def test_two_devices_refused():
         gc.check(lambda p, x: p * x, a, a, b)
     report = gc.check(lambda p, x: p * x, a, b, b, device=strict.Device("device1"))
     assert report.device == str(strict.Device("device1"))
+
+
+def test_a_check_primes_the_host_allocator_once_and_imports_no_framework():
+    # The priming is one NumPy allocation per process: after a check the flag is set, and a
+    # check on NumPy still imports neither CuPy nor PyTorch.
+    code = (
+        "import sys, gcbackend as gc; from gcbackend import backends; "
+        "assert not backends._PRIMED; gc.check(lambda t, x: t * x, 4.0, 2.0, 2.0); "
+        "print(backends._PRIMED, [m for m in ('cupy', 'torch') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[True] []"
