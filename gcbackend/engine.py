@@ -274,7 +274,9 @@ def _tuned_sizes(limit: int, seconds: list[float], static: int) -> Iterator[int]
     is 25 % slower than the best so far), and the rest go at the fastest. Trial calls are
     real rows, so nothing is evaluated twice; trials use at most ``limit`` rows in all (a
     quarter of the tensor's rows, and the memory budget caps every size). The results do
-    not depend on the batch size: each row's cost is computed on its own.
+    not depend on the batch size: each row's cost is computed on its own. (Since check()
+    primes glibc's malloc, see ``backends.prime_host_allocator``, that knee mostly moves
+    beyond TUNE_SIZES there; the trials still find it with other allocators.)
     """
     trials, used = [], 0
     for size in TUNE_SIZES:
@@ -282,10 +284,8 @@ def _tuned_sizes(limit: int, seconds: list[float], static: int) -> Iterator[int]
         if size > limit or used > limit:
             break
         trials.append(size)
-    if len(trials) < 2:
-        yield from itertools.repeat(static)
     best, best_rate = static, math.inf
-    for size in trials:
+    for size in trials if len(trials) >= 2 else ():  # too few rows to try: the fixed rule
         rate = math.inf
         for _ in range(TUNE_CALLS):
             yield size

@@ -64,24 +64,9 @@ def test_one_row_chunks_match_loop_bitwise_on_numpy():
     """One-row chunks and the loop evaluate the same floating-point operations on NumPy."""
     X, Y, params = mlp.seed_case()
     layout = Layout.of(params)
-    one_row = engine.central_differences(
-        mlp.cost,
-        params,
-        (X, Y),
-        layout=layout,
-        epsilon=1e-7,
-        xp=gc.backends.resolve("numpy", []).xp,
-        memory_budget=8 * 20,
-    )
-    loop = engine.central_differences(
-        mlp.cost,
-        params,
-        (X, Y),
-        layout=layout,
-        epsilon=1e-7,
-        xp=gc.backends.resolve("numpy", []).xp,
-        mode="loop",
-    )
+    options = dict(layout=layout, epsilon=1e-7, xp=gc.backends.resolve("numpy", []).xp)
+    one_row = engine.central_differences(mlp.cost, params, (X, Y), memory_budget=8 * 20, **options)
+    loop = engine.central_differences(mlp.cost, params, (X, Y), mode="loop", **options)
     for name in params:
         assert host(one_row[name]).tobytes() == host(loop[name]).tobytes(), name
 
