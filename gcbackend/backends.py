@@ -60,10 +60,21 @@ def _import_backend(name: str) -> ModuleType:
         ) from exc
     if name == "cupy":
         _require_cuda_device(module)
-    # array-api-compat wraps the libraries that are not themselves standard-compliant; its
-    # namespace for a tiny probe array is the one every numerical module will use.
-    probe = module.asarray(0.0)
-    return array_api_compat.array_namespace(probe)
+    return _namespace_of_module(module)
+
+
+_NAMESPACES: dict[ModuleType, ModuleType] = {}
+
+
+def _namespace_of_module(module: ModuleType) -> ModuleType:
+    """The array-API namespace array-api-compat gives a tiny probe array of ``module``: the
+    one every numerical module will use (it wraps the libraries that are not themselves
+    standard-compliant). Remembered per module: probing costs more than a small check's
+    arithmetic (the import itself is looked up every time, so a library hidden from
+    ``sys.modules`` is still reported as missing)."""
+    if module not in _NAMESPACES:
+        _NAMESPACES[module] = array_api_compat.array_namespace(module.asarray(0.0))
+    return _NAMESPACES[module]
 
 
 def _require_cuda_device(cupy: ModuleType) -> None:
@@ -129,7 +140,7 @@ def resolve(backend: object, arrays: list[Any], device: object = None) -> Backen
         xp = _import_backend(name)
     elif isinstance(backend, ModuleType):
         try:
-            xp = array_api_compat.array_namespace(backend.asarray(0.0))
+            xp = _namespace_of_module(backend)
         except Exception as exc:
             raise InputError(
                 f"backend={backend.__name__!r} is not an array-API namespace array-api-compat "
@@ -142,9 +153,8 @@ def resolve(backend: object, arrays: list[Any], device: object = None) -> Backen
         )
 
     if device is None:
-        native = [a for a in arrays if array_api_compat.array_namespace(a) is xp]
         devices = []
-        for a in native:
+        for a in _native(arrays, xp):
             d = array_api_compat.device(a)
             if d not in devices:
                 devices.append(d)
@@ -155,6 +165,24 @@ def resolve(backend: object, arrays: list[Any], device: object = None) -> Backen
             )
         device = devices[0] if devices else array_api_compat.device(xp.asarray(0.0))
     return Backend(_name_of(xp), xp, device)
+
+
+_SPACES: dict[tuple[type, Any], ModuleType] = {}
+
+
+def namespace(x: Any) -> ModuleType:
+    """``array_api_compat.array_namespace(x)`` for one array, remembered per (type, dtype):
+    the namespace follows from those two (the dtype because a NumPy array of JAX's float0
+    belongs to JAX), and the lookup costs more than a small array's arithmetic."""
+    key = (type(x), x.dtype)
+    if key not in _SPACES:
+        _SPACES[key] = array_api_compat.array_namespace(x)
+    return _SPACES[key]
+
+
+def _native(arrays: list[Any], xp: ModuleType) -> list[Any]:
+    """The arrays that already belong to ``xp``."""
+    return [a for a in arrays if namespace(a) is xp]
 
 
 def to_host(x: Any) -> Any:
@@ -178,7 +206,7 @@ def to_host(x: Any) -> Any:
 def to_backend(x: Any, backend: Backend, *, dtype: Any = None) -> Any:
     """A fresh copy of ``x`` as an array of ``backend`` on its device (never a view of ``x``)."""
     xp = backend.xp
-    if is_array(x) and array_api_compat.array_namespace(x) is xp:
+    if is_array(x) and namespace(x) is xp:
         if array_api_compat.is_torch_array(x):
             x = x.detach()
         out = xp.asarray(x, copy=True)

@@ -101,6 +101,11 @@ def _to_float_array(value: Any, backend: Backend, what: str, dtype: Any = None) 
     return array
 
 
+def _cast(x: Any, dtype: Any, xp) -> Any:
+    """``x`` in ``dtype``: itself when it already is (``astype`` copies by default)."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
 def _dtype_name(dtype: Any) -> str:
     """'float32', not 'torch.float32'."""
     return str(dtype).split(".")[-1]
@@ -596,11 +601,11 @@ def _compare(
     dtype = xp.result_type(*(numeric[name].dtype for name in names))
 
     def joined(values: Mapping[str, Any], kind: Any = dtype) -> Any:
-        flat = [xp.astype(xp.reshape(values[name], (-1,)), kind) for name in names]
+        flat = [_cast(xp.reshape(values[name], (-1,)), kind, xp) for name in names]
         return flat[0] if len(flat) == 1 else xp.concat(flat)
 
-    # Elementwise work runs once over every parameter's values, concatenated; only the
-    # reductions and the top-k go parameter by parameter, on slices.
+    # Elementwise work and the top-k sort run once over every parameter's values,
+    # concatenated; only the sums go parameter by parameter, on slices.
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(names))]
     n, a = joined(numeric), joined(analytic)
     finite = xp.isfinite(n)
@@ -639,16 +644,22 @@ def _compare(
         ],
         axis=1,
     )
-    sides = xp.stack([a, n], axis=1)
-    counts, packed = {}, []
-    for name, (start, stop) in zip(names, bounds):
-        k = min(top_k, stop - start)
-        worst = xp.argsort(error[start:stop], descending=True, stable=True)[:k]
-        top = xp.take(sides[start:stop, :], worst, axis=0)
-        packed.append(
-            xp.concat([xp.sum(columns[start:stop, :], axis=0), xp.astype(worst, dtype), top[:, 0], top[:, 1]])
-        )
-        counts[name] = (k, stop - start)
+    # The top-k of every parameter from two sorts over all elements, not one per parameter
+    # (per-call overhead is what a small check costs): largest error first, then grouped
+    # by parameter; both sorts stable, so ties keep index order, as a per-parameter sort.
+    counts = {name: (min(top_k, stop - start), stop - start) for name, (start, stop) in zip(names, bounds)}
+    if len(names) == 1:
+        order = xp.argsort(error, descending=True, stable=True)
+    else:
+        where = array_api_compat.device(error)
+        stops = xp.asarray([stop for _, stop in bounds], device=where)
+        owner = xp.searchsorted(stops, xp.arange(bounds[-1][1], device=where), side="right")
+        order = xp.argsort(error, descending=True, stable=True)
+        order = xp.take(order, xp.argsort(xp.take(owner, order), stable=True))
+    picks = [start + j for (start, _), (k, _) in zip(bounds, counts.values()) for j in range(k)]
+    worst = xp.take(order, xp.asarray(picks, device=array_api_compat.device(order)))
+    top = xp.take(xp.stack([a, n], axis=1), worst, axis=0)
+    sums = xp.stack([xp.sum(columns[start:stop, :], axis=0) for start, stop in bounds])
     overall = xp.astype(
         xp.stack(
             [
@@ -660,9 +671,9 @@ def _compare(
         xp.float64,
     )
     # Everything the report prints crosses to the host in one transfer (one device sync).
-    values = [
-        float(v) for v in to_host(xp.concat([overall, xp.astype(xp.concat(packed), xp.float64)])).tolist()
-    ]
+    packed = xp.concat([overall, *(_cast(xp.reshape(v, (-1,)), xp.float64, xp) for v in (sums, worst, top))])
+    values = to_host(packed).tolist()
+    sums_at, worst_at_all, top_at = 3, 3 + 7 * len(names), 3 + 7 * len(names) + len(picks)
     masks = {name: (~finite[start:stop], kink[start:stop]) for name, (start, stop) in zip(names, bounds)}
     compared = {name: n[start:stop] for name, (start, stop) in zip(names, bounds)}
 
@@ -670,15 +681,15 @@ def _compare(
         return numerator / denominator if denominator > 0 else (0.0 if numerator == 0 else math.inf)
 
     floor = 4 * float(xp.finfo(dtype).eps)
-    results, offset = {}, 3
-    for name in parts:
+    results, picked = {}, 0
+    for i, (name, (start, _)) in enumerate(zip(names, bounds)):
         k, checked = counts[name]
-        gap2, a2, n2, tol2, outliers, n_bad, n_kinks = values[offset : offset + 7]
+        gap2, a2, n2, tol2, outliers, n_bad, n_kinks = values[sums_at + 7 * i : sums_at + 7 * i + 7]
         num, den, tol_norm = math.sqrt(gap2), math.sqrt(a2) + math.sqrt(n2), math.sqrt(tol2)
-        worst_at = [int(v) for v in values[offset + 7 : offset + 7 + k]]
-        top_a = values[offset + 7 + k : offset + 7 + 2 * k]
-        top_n = values[offset + 7 + 2 * k : offset + 7 + 3 * k]
-        offset += 7 + 3 * k
+        worst_at = [int(v) - start for v in values[worst_at_all + picked : worst_at_all + picked + k]]
+        top_a = values[top_at + 2 * picked : top_at + 2 * (picked + k) : 2]
+        top_n = values[top_at + 2 * picked + 1 : top_at + 2 * (picked + k) : 2]
+        picked += k
         shape = tuple(parts[name].shape)
 
         def where(flat: int, shape=shape, name=name) -> tuple[int, ...]:

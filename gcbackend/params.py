@@ -7,6 +7,7 @@ map back to the exact element of the exact parameter.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -36,11 +37,13 @@ class Layout:
             return cls(tuple(params), tuple(tuple(params[k].shape) for k in params))
         return cls((SINGLE,), (tuple(params.shape),), single=True)
 
-    @property
+    # Cached: a check reads them in every stacked call (the dataclass is frozen, so they
+    # cannot go stale; cached_property writes the instance __dict__ directly).
+    @functools.cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(shape) for shape in self.shapes)
 
-    @property
+    @functools.cached_property
     def offsets(self) -> tuple[int, ...]:
         out, total = [], 0
         for size in self.sizes:
@@ -48,7 +51,7 @@ class Layout:
             total += size
         return tuple(out)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         """N, the total number of scalar parameters."""
         return sum(self.sizes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["VERDICTS", "ElementError", "ParameterResult", "Report"]
 
@@ -14,12 +14,13 @@ INCONCLUSIVE_SENTENCE = "The gradient check is inconclusive!"
 VERDICTS = ("pass", "fail", "inconclusive")
 
 
-@dataclass(frozen=True)
-class ElementError:
+class ElementError(NamedTuple):
     """One checked value: where it is, both sides, and how far apart.
 
     ``index`` indexes the parameter's shape (for ``mode="directions"``: ``(k,)``, the k-th
     random direction). ``relative`` is |analytic − numeric| / max(|analytic|, |numeric|).
+    A named tuple, not a frozen dataclass: a report holds top_k of them per parameter,
+    and a frozen dataclass's __init__ cost ~3 µs each, a tenth of a seed-case check.
     """
 
     index: tuple[int, ...]

@@ -55,6 +55,37 @@ def test_top_k_localises_the_planted_bug(backend):
     assert "b1[0, 0]: analytic" in str(report)
 
 
+def test_top_k_orders_each_parameter_worst_first_and_ties_by_index(backend):
+    # J = Σ θ over three tensors, halves and a step of 2⁻¹⁰: every J(θ ± h) is exact, so every
+    # finite difference is exactly 1 and the errors are exactly what the gradients plant:
+    # ties everywhere, which the top-k (two sorts over all parameters at once) must break by
+    # index within each parameter, as a sort of that parameter alone would.
+    xp, where = backend.xp, backend.device
+    shapes = {"A": (2, 3), "B": (4,), "C": (3, 2)}
+    params = {k: xp.full(s, 0.5, dtype=xp.float64, device=where) for k, s in shapes.items()}
+    planted = {"A": {}, "B": {3: 0.25, 1: 0.25, 2: 0.5}, "C": {5: 0.125}}
+    grads = {}
+    for name, shape in shapes.items():
+        flat = np.ones(int(np.prod(shape)))
+        for i, extra in planted[name].items():
+            flat[i] += extra
+        grads[name] = xp.asarray(flat.reshape(shape), device=where)
+
+    def cost(p):
+        return sum(xp.sum(v, axis=tuple(range(-len(shapes[k]), 0))) for k, v in p.items())
+
+    report = gc.check(cost, params, grads, epsilon=2.0**-10, threshold=1e-3, top_k=4)
+    order = {name: [e.index for e in result.top] for name, result in report.parameters.items()}
+    assert order == {
+        "A": [(0, 0), (0, 1), (0, 2), (1, 0)],
+        "B": [(2,), (1,), (3,), (0,)],
+        "C": [(2, 1), (0, 0), (0, 1), (1, 0)],
+    }
+    assert [e.absolute for e in report.parameters["B"].top] == [0.5, 0.25, 0.25, 0.0]
+    assert report.parameters["A"].difference == 0.0 and report.parameters["A"].verdict == "pass"
+    assert report.faults == ("B", "C")
+
+
 @pytest.mark.parametrize(
     ("dims", "m", "seed"), [([30, 20, 1], 16, 0), ([8, 16, 8, 1], 32, 1), ([50, 10, 5, 1], 8, 2)]
 )

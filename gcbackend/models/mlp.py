@@ -155,15 +155,16 @@ def _affine(W: Any, A: Any, b: Any, xp: Any) -> Any:
 
 
 def _layers_out(
-    params: Mapping[str, Any], X: Any, keep_prob: float, masks: Mapping[str, Any] | None
+    params: Mapping[str, Any], X: Any, keep_prob: float, masks: Mapping[str, Any] | None, xp: Any
 ) -> Iterator[tuple[Any, Any]]:
     """(Z_l, A_l) for l = 1..L, one layer at a time: the caller decides what to keep."""
-    xp = array_namespace(*params.values(), X)
     L = _layers(params)
     A = X
     for layer in range(1, L + 1):
         Z = _affine(params[f"W{layer}"], A, params[f"b{layer}"], xp)
-        A = xp.clip(Z, min=0.0) if layer < L else 1.0 / (1.0 + xp.exp(-Z))
+        # maximum(Z, 0), the notebook's relu: one ufunc, where array-api-compat's clip for
+        # NumPy is a Python wrapper costing ~11 µs a call (a quarter of the seed case's cost).
+        A = xp.maximum(Z, 0.0) if layer < L else 1.0 / (1.0 + xp.exp(-Z))
         if masks is not None and layer < L:
             # Inverted dropout, the course's two steps: A = A * D; A = A / keep_prob. The
             # (n_l, m) mask broadcasts over a leading batch axis of A.
@@ -184,7 +185,7 @@ def forward(
     With dropout, the hidden A_l are after the mask and the 1/keep_prob scaling.
     """
     masks = _dropout(params, X, keep_prob, masks, seed)
-    return list(_layers_out(params, X, keep_prob, masks))
+    return list(_layers_out(params, X, keep_prob, masks, array_namespace(*params.values(), X)))
 
 
 def cost(
@@ -214,7 +215,7 @@ def cost(
     masks = _dropout(params, X, keep_prob, masks, seed)
     # Layer by layer, keeping nothing behind: each (Z, A) is dropped once the next exists
     # (unpacking the generator at once would hold every layer's arrays until the end).
-    ((_, A),) = collections.deque(_layers_out(params, X, keep_prob, masks), maxlen=1)
+    ((_, A),) = collections.deque(_layers_out(params, X, keep_prob, masks, xp), maxlen=1)
     m = X.shape[-1]
     # The notebook's expression, term for term, so its numbers reproduce.
     log_probs = (-xp.log(A)) * Y + (-xp.log(1 - A)) * (1 - Y)
