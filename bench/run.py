@@ -12,7 +12,8 @@ What is measured
     Rows: ``gcbackend stacked`` (``gc.check`` at the notebook's ε = 1e-7 and threshold 2e-7:
     2N evaluations, the same work as every peer; the reference of every ratio), ``gcbackend
     loop`` (the same with ``mode="loop"``), ``gcbackend stacked, defaults`` (``gc.check`` with
-    its default options; the note gives its evaluation count when it is not 2N), ``notebook
+    its default options; the note gives its evaluation count when it is not 2N), ``gcbackend
+    stacked, workers=-1`` (the reference's options, chunks on one thread per CPU), ``notebook
     loop`` (the notebook's ``gradient_check_n`` in plain NumPy), ``PyTorch gradcheck`` (slow
     mode, eps=1e-6, MLP written in torch; its result is a bool), ``JAX jit(vmap)`` (central
     differences by ``jit(vmap(cost))`` over chunks of the stacked perturbed θ matrix, x64),
@@ -423,6 +424,12 @@ METHODS = [
         "gcbackend loop", setup_gcbackend({**NOTEBOOK_OPTIONS, "mode": "loop"}), subset=False, on_backend=True
     ),
     Method("gcbackend stacked, defaults", setup_gcbackend({}), subset=False, on_backend=True),
+    Method(
+        "gcbackend stacked, workers=-1",
+        setup_gcbackend({**NOTEBOOK_OPTIONS, "workers": -1}),
+        subset=False,
+        on_backend=True,
+    ),
     Method("notebook loop", setup_notebook),
     Method("PyTorch gradcheck", setup_gradcheck, ("torch",)),
     Method("JAX jit(vmap)", setup_jax, ("jax", "jaxlib")),

@@ -239,6 +239,7 @@ def check(
     memory_budget: int | None = None,
     progress: bool | None = None,
     client: Any = None,
+    workers: int = 1,
 ) -> Report:
     """Check ``grads`` against central finite differences of ``cost(params, *args)``.
 
@@ -290,6 +291,14 @@ def check(
         must be picklable (a module-level function, or a ``functools.partial`` of one);
         workers need gcbackend installed. The report is the one a local check gives.
         Needs ``pip install 'gcbackend[dask]'``; not with ``mode="loop"``.
+    workers
+        Threads that evaluate stacked chunks side by side in this process (1, the default:
+        none; -1: one per CPU). For NumPy on a multi-core CPU, whose elementwise operations
+        use one core each: the cost is then called from several threads at once, so it
+        must not mutate shared state; BLAS is held to one thread per call meanwhile. Each
+        thread holds its own chunk, so up to ``workers × memory_budget`` bytes of perturbed
+        copies are live. The report equals the one-thread report. Not with ``mode="loop"``
+        or ``client=``.
 
     Returns
     -------
@@ -313,6 +322,22 @@ def check(
         raise InputError(
             "client= spreads stacked chunks over Dask workers, but mode='loop' makes one call "
             "per row on this machine; drop client=, or use mode='stacked' with a cost that broadcasts"
+        )
+    if (
+        not isinstance(workers, numbers.Integral)
+        or isinstance(workers, bool)
+        or not (workers >= 1 or workers == -1)
+    ):
+        raise InputError(f"workers={workers!r} must be a positive number of threads, or -1 for one per CPU")
+    if workers != 1 and (mode == "loop" or client is not None):
+        raise InputError(
+            f"workers={workers} evaluates stacked chunks on threads, but "
+            + (
+                "mode='loop' makes one call per row"
+                if mode == "loop"
+                else "client= sends them to Dask workers"
+            )
+            + "; drop workers= (or use mode='stacked' without client=)"
         )
     epsilon = epsilon if epsilon == "auto" else float(epsilon)
     threshold = threshold if threshold == "auto" else float(threshold)
@@ -374,6 +399,9 @@ def check(
         from . import distributed  # only here: a check without a client never imports dask
 
         runner = distributed.runner(client, chosen, cost, moved_args)
+    elif workers != 1 and engine.worker_count(int(workers)) > 1:
+        runner = engine.ThreadRunner(engine.worker_count(int(workers)), xp)
+        notes.append(f"stacked chunks evaluated on {runner.workers} threads (BLAS on 1 thread each)")
     notebook = (
         epsilon != "auto" and threshold != "auto" and order == 2 and mode != "directions" and sample is None
     )

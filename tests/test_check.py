@@ -192,7 +192,9 @@ def test_progress_bar_counts_every_row(monkeypatch):
     X, Y, params = mlp.seed_case()
     gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, progress=True)
     check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, progress=True, mode="loop")
-    assert seen == [(4 * 47, 4 * 47, 2.0), (2 * 47, 2 * 47, 2.0)]
+    X, Y, params = mlp.random_case([8, 16, 8, 1], 32, seed=3)  # 289 parameters, many small calls
+    gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, progress=True, workers=2, memory_budget=8192)
+    assert seen == [(4 * 47, 4 * 47, 2.0), (2 * 47, 2 * 47, 2.0), (4 * 289, 4 * 289, 2.0)]
 
 
 def test_no_progress_bar_off_a_terminal(capsys):
@@ -200,3 +202,96 @@ def test_no_progress_bar_off_a_terminal(capsys):
     gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y)  # pytest's stderr is no tty
     gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, progress=False)
     assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- workers= (threads)
+
+
+def _threads_case(backend):
+    # 289 parameters, 578 or 1157 rows: several chunks per tensor with a small budget.
+    return mlp.random_case([8, 16, 8, 1], 32, seed=3, xp=backend.xp, device=backend.device)
+
+
+@pytest.mark.parametrize("options", [gc.NOTEBOOK, {}, {"mode": "directions"}, {"sample": 20}])
+def test_workers_give_the_one_thread_report(backend, options):
+    X, Y, params = _threads_case(backend)
+    grads = mlp.backward_with_planted_bugs(params, X, Y)
+    saved = snapshot(params)
+    kwargs = dict(memory_budget=8 * 128 * 8, **options)  # 8 rows of W1 per call: 16 calls for W1 alone
+    one = gc.check(mlp.cost, params, grads, X, Y, **kwargs)
+    two = gc.check(mlp.cost, params, grads, X, Y, workers=2, **kwargs)
+    assert two.difference == one.difference and two.verdict == one.verdict == "fail"
+    for name, result in one.parameters.items():
+        other = two.parameters[name]
+        assert other.top == result.top and other.verdict == result.verdict, name
+        assert host(other.numeric_grad).tobytes() == host(result.numeric_grad).tobytes(), name
+        assert_on(other.numeric_grad, backend)
+    assert "stacked chunks evaluated on 2 threads (BLAS on 1 thread each)" in two.notes
+    assert_bitwise_equal(params, saved)
+
+
+def test_workers_call_the_cost_from_several_threads_with_blas_on_one():
+    import threading
+    import time
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    X, Y, params = mlp.random_case([8, 16, 8, 1], 32, seed=3)
+    calls = []
+
+    def cost(p, X, Y):
+        calls.append((threading.get_ident(), blas_threads()))
+        time.sleep(0.002)  # long enough that both threads take chunks
+        return mlp.cost(p, X, Y)
+
+    before = blas_threads()
+    check(cost, params, mlp.backward(params, X, Y), X, Y, workers=2, memory_budget=8 * 128 * 8)
+    assert blas_threads() == before  # restored
+    assert threading.get_ident() not in {ident for ident, _ in calls}
+    assert len({ident for ident, _ in calls}) == 2
+    assert all(threads == [1] * len(before) for _, threads in calls)
+
+
+@pytest.mark.parametrize("workers", [0, -2, 1.5, True, "2", None])
+def test_workers_must_be_a_count_or_minus_one(workers):
+    X, Y, params = mlp.seed_case()
+    with pytest.raises(gc.InputError, match=r"workers=.* must be a positive number of threads, or -1"):
+        gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, workers=workers)
+
+
+def test_workers_exclude_the_loop_and_a_client():
+    X, Y, params = mlp.seed_case()
+    grads = mlp.backward(params, X, Y)
+    with pytest.raises(gc.InputError, match=r"workers=2 .*mode='loop'.*drop workers="):
+        gc.check(mlp.cost, params, grads, X, Y, workers=2, mode="loop")
+    with pytest.raises(gc.InputError, match=r"workers=-1 .*client=.*drop workers="):
+        gc.check(mlp.cost, params, grads, X, Y, workers=-1, client=object())
+
+
+def test_a_cost_failing_on_a_thread_raises_the_one_thread_error():
+    X, Y, params = mlp.random_case([8, 16, 8, 1], 32, seed=3)
+
+    def cost(p, X, Y):
+        if p["W2"].ndim == 3 and p["W2"].shape[0] < 6:  # the last, short chunk of W2's rows (256 = 42·6 + 4)
+            raise ValueError("no short batches")
+        return mlp.cost(p, X, Y)
+
+    errors = []
+    for workers in (1, 2):
+        with pytest.raises(gc.CostError) as caught:
+            check(cost, params, mlp.backward(params, X, Y), X, Y, workers=workers, memory_budget=6 * 128 * 8)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1]
+    assert "ValueError: no short batches (at rows 252..255 perturbing parameter 'W2')" in errors[0]
+
+
+def test_workers_minus_one_is_one_per_cpu():
+    import os
+
+    from gcbackend import engine
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert engine.worker_count(-1) == cpus and engine.worker_count(3) == 3
