@@ -309,15 +309,23 @@ def _stacked(cost, args, *, flat, rows, batched, name, start, stop, xp):
     return _as_costs(out, (stop - start,), xp=xp, name=name, start=start, stop=stop, stacked=True)
 
 
-def evaluate_chunk(stencil: Stencil, chunk: Chunk, *, xp: ModuleType) -> Any:
+def evaluate_chunk(
+    stencil: Stencil, chunk: Chunk, *, xp: ModuleType, groups: dict[str | None, RowGroup] | None = None
+) -> Any:
     """The costs of one chunk of a stencil's rows, shape (stop - start,): what a worker runs.
 
     It rebuilds the rows from (tensor, start, stop) with the same code and the same
     operations as the local stacked pass, so on the same library the costs are bitwise the
-    local ones. Raises CostError like ``evaluate_rows``.
+    local ones. ``groups`` (tensor → RowGroup), when given, keeps the row groups from one
+    chunk to the next, and with them their row buffers. Raises CostError like ``evaluate_rows``.
     """
     tensor, start, stop = chunk
-    group = row_group(stencil, tensor, xp=xp)
+    if groups is None:
+        group = row_group(stencil, tensor, xp=xp)
+    else:
+        if tensor not in groups:
+            groups[tensor] = row_group(stencil, tensor, xp=xp)
+        group = groups[tensor]
     return _stacked(
         stencil.cost,
         stencil.args,
@@ -363,23 +371,8 @@ class ThreadRunner:
     ) -> list[Any]:
         local = threading.local()
 
-        def run(chunk: Chunk) -> Any:
-            tensor, start, stop = chunk
-            groups = local.__dict__.setdefault("groups", {})
-            if tensor not in groups:
-                groups[tensor] = row_group(stencil, tensor, xp=self.xp)
-            group = groups[tensor]
-            return _stacked(
-                stencil.cost,
-                stencil.args,
-                flat=group.flat,
-                rows=group.rows,
-                batched=group.batched,
-                name=group.name,
-                start=start,
-                stop=stop,
-                xp=self.xp,
-            )
+        def run(chunk: Chunk) -> Any:  # each thread keeps its own row groups and buffers
+            return evaluate_chunk(stencil, chunk, xp=self.xp, groups=local.__dict__.setdefault("groups", {}))
 
         if len(chunks) == 1 or self.workers == 1:
             return [_told(run(chunk), chunk, progress) for chunk in chunks]
