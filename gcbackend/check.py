@@ -399,9 +399,9 @@ def check(
         from . import distributed  # only here: a check without a client never imports dask
 
         runner = distributed.runner(client, chosen, cost, moved_args)
-    elif workers != 1 and engine.worker_count(int(workers)) > 1:
-        runner = engine.ThreadRunner(engine.worker_count(int(workers)), xp)
-        notes.append(f"stacked chunks evaluated on {runner.workers} threads (BLAS on 1 thread each)")
+    elif (threads := engine.worker_count(int(workers))) > 1:
+        runner = engine.ThreadRunner(threads, xp)
+        notes.append(f"stacked chunks evaluated on {threads} threads (BLAS on 1 thread each)")
     notebook = (
         epsilon != "auto" and threshold != "auto" and order == 2 and mode != "directions" and sample is None
     )
