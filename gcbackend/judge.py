@@ -74,6 +74,7 @@ def judge(
     subgradient between their one-sided slopes.
     """
     auto = threshold == "auto"
+    stencil_order = order  # the name `order` is reused below for the top-k argsort
     names = tuple(parts)
     sizes = [math.prod(tuple(numeric[name].shape)) for name in names]
     dtype = xp.result_type(*(numeric[name].dtype for name in names))
@@ -222,7 +223,7 @@ def judge(
         parameters=MappingProxyType(results),
         verdict=verdict,
         expected=expected,
-        order=order,
+        order=stencil_order,
         notes=notes,
         auto_threshold=auto,
     )

@@ -28,6 +28,20 @@ def test_seed_case_is_the_notebooks_data():
     np.testing.assert_array_equal(params["W2"].ravel(), draws[37:52])
 
 
+def test_seed_case_leaves_the_global_random_stream_alone():
+    np.random.seed(123)
+    before = np.random.get_state()
+    X, Y, params = mlp.seed_case()
+    after = np.random.get_state()
+    assert after[0] == before[0] and after[2:] == before[2:]
+    np.testing.assert_array_equal(after[1], before[1])
+    # The same numbers as the notebook's np.random.seed(1); randn(...) in its order.
+    np.random.seed(1)
+    np.testing.assert_array_equal(X, np.random.randn(4, 3))
+    for name, value in params.items():
+        np.testing.assert_array_equal(value, np.random.randn(*value.shape), err_msg=name)
+
+
 def test_seed_case_on_a_backend(backend):
     X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
     for array in (X, Y, *params.values()):

@@ -301,17 +301,19 @@ def _place(arrays: Sequence[Any], xp: Any, device: Any) -> list[Any]:
 def seed_case(*, xp: Any = None, device: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """X, Y, params of the notebook's ``gradient_check_n_test_case``, float64.
 
-    NumPy's legacy ``np.random.seed(1)`` then ``randn`` in the notebook's order: X (4, 3),
+    NumPy's legacy ``np.random.seed(1)`` then ``randn`` in the notebook's order (drawn from a
+    private ``RandomState(1)``, the same numbers, so the caller's global random stream is
+    left as it was): X (4, 3),
     W1 (5, 4), b1 (5, 1), W2 (3, 5), b2 (3, 1), W3 (1, 3), b3 (1, 1); Y = [1., 1., 0.].
     NumPy arrays, or arrays of namespace ``xp`` on ``device`` when given.
     """
     import numpy as np  # host-side data generation, the notebook's legacy RNG
 
-    np.random.seed(1)
-    X = np.random.randn(4, 3)
+    rng = np.random.RandomState(1)
+    X = rng.randn(4, 3)
     Y = np.array([1.0, 1.0, 0.0])
     shapes = {"W1": (5, 4), "b1": (5, 1), "W2": (3, 5), "b2": (3, 1), "W3": (1, 3), "b3": (1, 1)}
-    params = {name: np.random.randn(*shape) for name, shape in shapes.items()}
+    params = {name: rng.randn(*shape) for name, shape in shapes.items()}
     X, Y, *values = _place([X, Y, *params.values()], xp, device)
     return X, Y, dict(zip(shapes, values))
 
