@@ -137,7 +137,9 @@ def judge(
         order = xp.take(order, xp.argsort(xp.take(owner, order), stable=True))
     picks = [start + j for (start, _), (k, _) in zip(bounds, counts.values()) for j in range(k)]
     worst = xp.take(order, xp.asarray(picks, device=array_api_compat.device(order)))
-    top = xp.take(xp.stack([a, n], axis=1), worst, axis=0)
+    # Each listed element with its tolerance (the error the judge lets pass as noise), so
+    # the report lists only elements that are actually off.
+    top = xp.take(xp.stack([a, n, SAFETY * tol], axis=1), worst, axis=0)
     sums = xp.stack([xp.sum(columns[start:stop, :], axis=0) for start, stop in bounds])
     overall = xp.astype(
         xp.stack(
@@ -166,8 +168,9 @@ def judge(
         gap2, a2, n2, tol2, outliers, n_bad, n_kinks = values[sums_at + 7 * i : sums_at + 7 * i + 7]
         num, den, tol_norm = math.sqrt(gap2), math.sqrt(a2) + math.sqrt(n2), math.sqrt(tol2)
         worst_at = [int(v) - start for v in values[worst_at_all + picked : worst_at_all + picked + k]]
-        top_a = values[top_at + 2 * picked : top_at + 2 * (picked + k) : 2]
-        top_n = values[top_at + 2 * picked + 1 : top_at + 2 * (picked + k) : 2]
+        top_a = values[top_at + 3 * picked : top_at + 3 * (picked + k) : 3]
+        top_n = values[top_at + 3 * picked + 1 : top_at + 3 * (picked + k) : 3]
+        top_tol = values[top_at + 3 * picked + 2 : top_at + 3 * (picked + k) : 3]
         picked += k
         shape = tuple(parts[name].shape)
 
@@ -177,8 +180,15 @@ def judge(
             return _unravel(positions[name][flat] if positions else flat, shape)
 
         top = tuple(
-            ElementError(where(i), ta, tn, abs(ta - tn), ratio(abs(ta - tn), max(abs(ta), abs(tn))))
-            for i, ta, tn in zip(worst_at, top_a, top_n)
+            ElementError(
+                where(i),
+                ta,
+                tn,
+                abs(ta - tn),
+                ratio(abs(ta - tn), max(abs(ta), abs(tn))),
+                tt if estimate is not None else None,
+            )
+            for i, ta, tn, tt in zip(worst_at, top_a, top_n, top_tol)
         )
         bad, kinks = masks[name]
         nonfinite = tuple(where(i[0]) for i in _indices(bad, (checked,))) if n_bad else ()

@@ -7,8 +7,9 @@ def test_my_layer_backprop():
     assert_gradients(my_cost, params, my_backward(params, X, Y), X, Y)
 ```
 
-A failing check fails the test with the whole report as the message: which parameters are
-wrong, where, and by how much.
+A failing check fails the test with a first line that names the parameters at fault and
+their differences (what pytest's one-line summary shows), then the whole report: which
+parameters are wrong, where, and by how much.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ def assert_gradients(
     """``gcbackend.check(cost, params, grads, *args, **kw)``, raising if it does not pass.
 
     Returns the report when ``report.passed``; otherwise raises ``AssertionError`` whose
-    message is ``str(report)``. Bad input raises ``gcbackend``'s own errors
+    message is ``"gradient check " + report.summary()`` (e.g. ``gradient check fail: b1
+    (difference 0.6), W2 (difference 0.33)``), a blank line, and ``str(report)``. Bad input raises ``gcbackend``'s own errors
     (``InputError``, ``CostError``, …), not ``AssertionError``: a broken test is not a wrong
     gradient.
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not this one
     report = check(cost, params, grads, *args, **kw)
     if not report.passed:
-        raise AssertionError(str(report))
+        raise AssertionError(f"gradient check {report.summary()}\n\n{report}")
     return report

@@ -21,6 +21,8 @@ from hypothesis import settings
 from gcbackend.backends import Backend, resolve
 from gcbackend.errors import BackendUnavailableError
 
+pytest_plugins = ["pytester"]  # test_testing runs a failing test in a child pytest
+
 settings.register_profile("fast", max_examples=8, deadline=None, derandomize=True)
 settings.register_profile("deep", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("GCBACKEND_HYPOTHESIS_PROFILE", "fast"))

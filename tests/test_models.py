@@ -31,7 +31,7 @@ def test_seed_case_is_the_notebooks_data():
 def test_seed_case_leaves_the_global_random_stream_alone():
     np.random.seed(123)
     before = np.random.get_state()
-    X, Y, params = mlp.seed_case()
+    X, _, params = mlp.seed_case()
     after = np.random.get_state()
     assert after[0] == before[0] and after[2:] == before[2:]
     np.testing.assert_array_equal(after[1], before[1])

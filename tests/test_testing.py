@@ -26,9 +26,35 @@ def test_a_wrong_backprop_fails_with_the_report_as_message(backend):
     with pytest.raises(AssertionError) as caught:
         assert_gradients(mlp.cost, params, buggy, X, Y, **OPTIONS)
     message = str(caught.value)
-    assert message == str(gc.check(mlp.cost, params, buggy, X, Y, **OPTIONS))
+    first, blank, rest = message.split("\n", 2)
+    # The first line is what pytest's one-line summary shows: the parameters at fault.
+    assert first == "gradient check fail: b1 (difference 0.6), W2 (difference 0.33)"
+    assert blank == ""
+    assert rest == str(gc.check(mlp.cost, params, buggy, X, Y, **OPTIONS))
     assert "There is a mistake in the backward propagation!" in message
     assert "b1" in message and "W2" in message
+
+
+def test_pytests_one_line_summary_names_the_faulty_parameters(pytester, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # pytest cuts the summary line at the terminal's width
+    pytester.makepyfile(
+        """
+        from gcbackend.models import mlp
+        from gcbackend.testing import assert_gradients
+
+        def test_backprop():
+            X, Y, params = mlp.seed_case()
+            assert_gradients(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y)
+        """
+    )
+    result = pytester.runpytest("-rf", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "FAILED test_pytests_one_line_summary_names_the_faulty_parameters.py::test_backprop - "
+            "AssertionError: gradient check fail: b1 (difference 0.6), W2 (difference 0.33)"
+        ]
+    )
 
 
 def test_bad_input_is_not_an_assertion_error():
