@@ -1,4 +1,5 @@
-"""The command line: ``gcbackend demo [--backend NAME] [--plot FILE.png]`` (also ``python -m gcbackend``)."""
+"""The command line: ``gcbackend demo [--backend NAME] [--plot FILE.png]``, ``gcbackend --version``
+(also ``python -m gcbackend``)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import NOTEBOOK, check
-from .backends import BACKEND_NAMES
+from . import NOTEBOOK, __version__, check
+from .backends import BACKEND_NAMES, resolve
 from .errors import GradCheckError
 from .models import linear, mlp
 
@@ -50,6 +51,7 @@ def demo(backend: str, mode: str, plot: str | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gcbackend", description="Gradient checking on any array backend.")
+    parser.add_argument("--version", action="version", version=f"gcbackend {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("demo", help="run the course notebook's checks and print the reports")
     run.add_argument("--backend", default="numpy", help=f"one of {', '.join(BACKEND_NAMES)} (default numpy)")
@@ -71,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"gcbackend: error: {exc}", file=sys.stderr)
             return 2
     try:
+        resolve(options.backend, [])  # before any section is printed: an unusable backend is only an error
+        if options.backend == "jax":  # the notebook is float64; JAX is float32 unless told
+            import jax
+
+            jax.config.update("jax_enable_x64", True)
         return demo(options.backend, options.mode, options.plot)
     except (GradCheckError, OSError) as exc:  # OSError: the picture could not be written
         print(f"gcbackend: error: {exc}", file=sys.stderr)

@@ -43,7 +43,41 @@ def test_demo_on_another_backend(capsys):
 def test_demo_reports_an_unavailable_backend(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "cupy", None)
     assert main(["demo", "--backend", "cupy"]) == 2
-    assert "CuPy is not installed" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "CuPy is not installed" in printed.err
+    assert printed.out == ""  # no section header before the error
+
+
+def test_demo_with_jax_missing_prints_only_the_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "jax", None)
+    monkeypatch.setitem(sys.modules, "jax.numpy", None)
+    assert main(["demo", "--backend", "jax"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err.startswith("gcbackend: error: ")
+    assert printed.err.count("\n") == 1
+
+
+def test_demo_with_an_unknown_backend_prints_only_the_error(capsys):
+    assert main(["demo", "--backend", "tensorflow"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err.startswith("gcbackend: error: backend='tensorflow' is unknown; valid names: numpy, ")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == "gcbackend 0.1.0\n"
+    out = subprocess.run(
+        [sys.executable, "-m", "gcbackend", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert out == "gcbackend 0.1.0\n"
 
 
 def test_python_dash_m():
