@@ -66,3 +66,24 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def backend(backend_id: str) -> Backend:
     return make_backend(backend_id)
+
+
+def _skip_reason(report) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    # "cupy: CuPy is not installed …" and "array_api_strict:device1: …" group by the reason.
+    head, _, rest = reason.partition(": ")
+    return rest if rest and head in ALL_IDS else reason
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line for all skips, grouped by reason (pytest's -rs prints one line per test)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    counts: dict[str, int] = {}
+    for report in skipped:
+        reason = _skip_reason(report)
+        counts[reason] = counts.get(reason, 0) + 1
+    grouped = "; ".join(f"{n} × {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    terminalreporter.write_line(f"skipped {len(skipped)}: {grouped}")

@@ -62,3 +62,32 @@ def test_bad_input_is_not_an_assertion_error():
     grads = mlp.backward(params, X, Y)
     with pytest.raises(gc.InputError, match="epsilon"):
         assert_gradients(mlp.cost, params, grads, X, Y, epsilon=-1.0)
+
+
+def test_the_suite_prints_one_line_for_all_skips(pytester, monkeypatch):
+    # The same hook as tests/conftest.py, loaded into a child pytest with skips of two reasons.
+    from pathlib import Path
+
+    monkeypatch.setenv("GCBACKEND_TEST_BACKENDS", "numpy")
+    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text(encoding="utf-8"))
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_gpu(i):
+            pytest.skip("cupy: backend='cupy': CuPy is not installed")
+
+        def test_other():
+            pytest.skip("needs in-place writes")
+
+        def test_runs():
+            assert True
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rfEX")
+    result.assert_outcomes(passed=1, skipped=4)
+    assert (
+        "skipped 4: 3 × backend='cupy': CuPy is not installed; 1 × needs in-place writes" in result.outlines
+    )
+    assert not [line for line in result.outlines if line.startswith("SKIPPED")]
