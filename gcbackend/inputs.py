@@ -30,6 +30,12 @@ def _is_number(x: object) -> bool:
 
 
 def _refuse_containers(value: Any, what: str) -> None:
+    if isinstance(value, (list, tuple)) and what in ("params", "grads") and any(map(is_array, value)):
+        # Several tensors (of different shapes, most likely) cannot become one array.
+        raise InputTypeError(
+            f"{what} is a Python {type(value).__name__} of {len(value)} arrays; pass a dict name → "
+            "array, e.g. {'W1': W1, 'b1': b1, ...}, with grads keyed the same (or 'dW1', ...)"
+        )
     if isinstance(value, (list, tuple)):
         raise InputTypeError(
             f"{what} is a Python {type(value).__name__}; pass an array (e.g. numpy.asarray(...)) "
@@ -37,6 +43,25 @@ def _refuse_containers(value: Any, what: str) -> None:
         )
     if not (is_array(value) or _is_number(value)):
         raise InputTypeError(f"{what} must be an array or a real number, not {type(value).__name__}")
+
+
+def _refuse_swapped(params: Mapping[str, Any], grads: Mapping[str, Any]) -> None:
+    """params keyed like gradients ('dW1') whose bare names ('W1') key grads: swapped."""
+    swapped = [
+        key
+        for key in params
+        if isinstance(key, str)
+        and key.startswith("d")
+        and key[1:] in grads
+        and key not in grads
+        and "d" + key not in grads
+    ]
+    if swapped:
+        raise InputError(
+            f"params has keys {', '.join(map(repr, swapped))} and grads has "
+            f"{', '.join(repr(k[1:]) for k in swapped)}: params and grads look swapped; call "
+            "check(cost, params, grads, *args) with the parameters first and the gradients second"
+        )
 
 
 def _is_option_number(x: object) -> bool:
@@ -286,6 +311,7 @@ def prepare(
                 f"params is a mapping but grads is a {type(grads).__name__}; pass grads as a "
                 "mapping with the same names (or 'd' + name)"
             )
+        _refuse_swapped(params, grads)
         picked = match_grads(tuple(params), grads)
     else:
         _refuse_containers(params, "params")

@@ -131,6 +131,29 @@ def test_python_list_refused():
         check(lambda theta, x: theta @ x, [1.0, 2.0], np.ones(2), np.ones(2))
 
 
+def test_params_as_a_list_of_arrays_asks_for_a_dict():
+    X, Y, params = mlp.seed_case()
+    grads = mlp.backward(params, X, Y)
+    with pytest.raises(gc.InputTypeError) as caught:
+        check(mlp.cost, list(params.values()), grads, X, Y)
+    assert str(caught.value) == (
+        "params is a Python list of 6 arrays; pass a dict name → array, e.g. {'W1': W1, 'b1': b1, ...}, "
+        "with grads keyed the same (or 'dW1', ...)"
+    )
+
+
+def test_params_and_grads_swapped_says_so(backend):
+    X, Y, params = mlp.seed_case(xp=backend.xp, device=backend.device)
+    grads = {"d" + k: v for k, v in mlp.backward(params, X, Y).items()}  # the notebook's keys
+    with pytest.raises(gc.InputError) as caught:
+        check(mlp.cost, grads, params, X, Y)
+    assert str(caught.value) == (
+        "params has keys 'dW1', 'db1', 'dW2', 'db2', 'dW3', 'db3' and grads has 'W1', 'b1', 'W2', 'b2', "
+        "'W3', 'b3': params and grads look swapped; call check(cost, params, grads, *args) with the "
+        "parameters first and the gradients second"
+    )
+
+
 def test_params_and_grads_of_different_structure():
     with pytest.raises(gc.InputTypeError, match="params is a mapping but grads is a ndarray"):
         check(mlp.cost, {"W1": np.ones((1, 1))}, np.ones((1, 1)))
