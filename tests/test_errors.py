@@ -489,3 +489,37 @@ def test_the_documented_hierarchy():
     assert issubclass(gc.BackendUnavailableError, ImportError)
     with pytest.raises(ValueError, match=r"epsilon=-1"):  # caught as the builtin too
         gc.check(lambda p: p * 2.0, 1.0, 2.0, epsilon=-1)
+
+
+# Messages of the cost's own failures are the engine's (issue #12, "Any cost as written"):
+# pinned here as the reader needs them; #12's merge makes them pass (then drop the xfail).
+ENGINE_MESSAGES = pytest.mark.xfail(reason="cost messages are issue #12's (engine.py)", strict=False)
+
+
+def _cost_error(cost) -> str:
+    X, Y, params = mlp.seed_case()
+    with pytest.raises(gc.CostError) as caught:
+        gc.check(cost, params, mlp.backward(params, X, Y), X, Y)
+    return str(caught.value)
+
+
+@ENGINE_MESSAGES
+def test_a_cost_that_forgets_return_is_told_it_returned_none():
+    def cost(params, X, Y):
+        mlp.cost(params, X, Y)  # no return
+
+    message = _cost_error(cost)
+    assert "returned None" in message
+    assert "shape ()" not in message and "leading batch axis" not in message
+
+
+@ENGINE_MESSAGES
+@pytest.mark.parametrize("mistake", ["KeyError", "TypeError"])
+def test_a_cost_that_raises_on_its_own_gets_no_batching_essay(mistake):
+    def cost(params, X, Y):
+        return params["W9"] if mistake == "KeyError" else mlp.cost(params, X)
+
+    message = _cost_error(cost)
+    assert mistake in message
+    assert "leading batch axis" not in message
+    assert "rows 0..63" not in message  # internal wording
