@@ -86,3 +86,17 @@ def test_python_dash_m():
     ).stdout
     assert "Your backward propagation works perfectly fine!" in out
     assert "There is a mistake in the backward propagation!" in out
+
+
+def test_demo_on_jax_turns_on_float64(monkeypatch):
+    jax = pytest.importorskip("jax")
+    import gcbackend.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "demo", lambda backend, mode, plot: seen.append(jax.config.jax_enable_x64) or 0)
+    before = jax.config.jax_enable_x64
+    try:
+        assert cli.main(["demo", "--backend", "jax"]) == 0
+    finally:
+        jax.config.update("jax_enable_x64", before)
+    assert seen == [True]  # the notebook's checks are float64; JAX is float32 unless told
