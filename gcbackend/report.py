@@ -147,9 +147,11 @@ class Report:
         if self.verdict == "fail":
             return "fail: " + ", ".join(self._named(_culprits(self)))
         vague = [p.name for p in self.parameters.values() if p.verdict == "inconclusive"]
-        return "inconclusive: " + ", ".join(
+        if not vague:
+            return f"{self.verdict}: difference {self.difference:.2g}"
+        return f"{self.verdict}: " + ", ".join(
             f"{n} (difference {self.parameters[n].difference:.2g}, expected "
-            f"{_expected(self.parameters[n].expected) or '?'})"
+            f"{_expected(self.parameters[n].expected) or 'not measured'})"
             for n in vague
         )
 
