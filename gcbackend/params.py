@@ -9,8 +9,8 @@ Each leaf is one parameter, named by its path:
   (``encoder.W``, ``layers[0].W``); any other key adds ``[repr(key)]`` (``blocks['conv 1']``);
 * a list or tuple position adds ``[i]`` (``layers[0][1]``; a top-level list gives ``[0]``).
 
-``None`` in params is no parameter: it stays ``None`` where the cost receives it, and grads
-holds ``None`` there too. Mappings other than dicts (``MappingProxyType``, a frozen dict)
+``None`` in params is no parameter: it stays ``None`` where the cost receives it; grads
+holds ``None`` there too (or, in a mapping, leaves the key out). Mappings other than dicts (``MappingProxyType``, a frozen dict)
 are read as dicts, and the cost receives a dict there; every other container keeps its type.
 
 The ``Layout`` remembers names, shapes, order and the tree's structure (an ``optree``
@@ -115,7 +115,8 @@ def _plain(node: Any) -> Any:
 
 @dataclass(frozen=True)
 class Tree:
-    """A params tree taken apart: leaf names and values in order, and its optree treedef."""
+    """A params tree taken apart: leaf names and values in order, and its optree treedef
+    (None for a flat dict name → array, which a plain dict rebuilds)."""
 
     names: tuple[str, ...]
     leaves: tuple[Any, ...]
@@ -123,13 +124,22 @@ class Tree:
     single: bool
 
 
+def _flat(params: Any) -> bool:
+    """A non-empty plain dict of string keys whose values are all leaves."""
+    return (
+        type(params) is dict
+        and len(params) > 0
+        and all(
+            isinstance(key, str) and value is not None and not _is_node(value)
+            for key, value in params.items()
+        )
+    )
+
+
 def _flatten_tree(params: Any) -> Tree:
-    if type(params) is dict and all(
-        isinstance(key, str) and value is not None and not _is_node(value) for key, value in params.items()
-    ):  # the common flat dict name → array: its keys are its names
-        leaves, treedef = optree.tree_flatten(params, is_leaf=_numbers_only, namespace=_NAMESPACE)
-        if params:
-            return Tree(tuple(params), tuple(leaves), treedef, single=False)
+    if _flat(params):  # the common flat dict name → array: its keys are its names, and
+        # the engine's plain dict(parts) rebuilds it (no treedef: nothing added per cost call)
+        return Tree(tuple(params), tuple(params.values()), None, single=False)
     plain = _plain(params)
     leaves, treedef = optree.tree_flatten(plain, is_leaf=_numbers_only, namespace=_NAMESPACE)
     if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # one array or number
@@ -161,6 +171,8 @@ def flatten_tree(params: Any) -> Tree:
     """Names and leaves of ``params`` in order (see the module docstring for the names), and
     its treedef. Raises InputError when two leaves would get the same name
     (``{"a.b": x, "a": {"b": y}}``)."""
+    if _flat(params):
+        return _flatten_tree(params)
     # Only the flattening needs the mode; the treedef then rebuilds in this order anywhere.
     with optree.dict_insertion_ordered(True, namespace=_NAMESPACE):
         return _flatten_tree(params)
@@ -171,7 +183,7 @@ class Layout:
     """Names, shapes and order of the parameters, and the structure they came in.
 
     ``single`` when params was one array or number. ``treedef`` (optree) rebuilds the
-    user's structure; None means a flat dict name → array (a Layout built by hand).
+    user's structure; None means a flat dict name → array, rebuilt as a plain dict.
     """
 
     names: tuple[str, ...]
@@ -306,10 +318,19 @@ def match_tree(params: Any, grads: Any) -> dict[str, Any]:
 
     At every mapping the gradient of key ``"W"`` may be keyed ``"W"`` or ``"dW"`` (extra keys
     as ``match_grads``); a list/tuple/NamedTuple in params needs a list or tuple of the same
-    length in grads (either kind); ``None`` needs ``None``. A leaf's gradient is returned as
+    length in grads (either kind); ``None`` needs ``None`` (or, in a mapping, no key). A leaf's gradient is returned as
     it is (the caller checks it is an array or number). Raises InputError (InputTypeError
     where a container is of the wrong kind) naming the first path where the two differ.
     """
+    if _flat(params) and isinstance(grads, Mapping):  # the common flat dict: one level
+        picked = match_grads(tuple(params), grads)
+        for name, grad in picked.items():
+            if isinstance(grad, Mapping):
+                raise InputTypeError(
+                    f"params[{name!r}] is one array but grads[{name!r}] is a mapping; params and "
+                    "grads must have the same structure"
+                )
+        return picked
     if not _is_node(params):
         if isinstance(grads, Mapping):
             raise InputTypeError(
@@ -344,9 +365,16 @@ def match_tree(params: Any, grads: Any) -> dict[str, Any]:
                     f"params{at} is a mapping but grads{at} is {_kind(grad)}; pass grads with the "
                     "same structure as params (the same keys, or 'd' + key)"
                 )
-            chosen = match_grads(tuple(node), grad, at=at, label=label)
+            # A None in params is no parameter: grads may leave its key out.
+            absent = tuple(
+                key
+                for key, child in node.items()
+                if child is None and key not in grad and not (isinstance(key, str) and "d" + key in grad)
+            )
+            chosen = match_grads(tuple(k for k in node if k not in absent), grad, at=at, label=label)
             for key, child in node.items():
-                walk(child, chosen[key], _join(label, key, "key"), _accessor(at, key, "key"))
+                if key not in absent:
+                    walk(child, chosen[key], _join(label, key, "key"), _accessor(at, key, "key"))
             return
         if not isinstance(grad, (list, tuple)):
             raise InputTypeError(

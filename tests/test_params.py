@@ -309,3 +309,36 @@ def test_match_tree_reads_grads_along_params():
     params = {"a": [np.ones(1), Dense(np.ones(1), np.ones(1))]}
     picked = match_tree(params, {"da": (1, [2, 3])})  # a tuple for a list, a list for a NamedTuple
     assert picked == {"a[0]": 1, "a[1].W": 2, "a[1].b": 3}
+
+
+def test_a_none_parameter_may_be_left_out_of_grads_but_not_given_a_value():
+    params = {"W": np.ones(2), "bias": None}
+    report = gc.check(
+        lambda p: p["W"][..., 0] + 0.0 * (p["bias"] is None), params, {"dW": np.array([1.0, 0.0])}
+    )
+    assert report.verdict == "pass" and tuple(report.parameters) == ("W",)
+    with pytest.raises(
+        gc.InputError, match=r"params\['bias'\] is None \(no parameter\) but grads\['bias'\] is"
+    ):
+        gc.check(lambda p: p["W"][..., 0], params, {"dW": np.array([1.0, 0.0]), "bias": np.ones(1)})
+
+
+def test_plots_and_html_use_the_path_names():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gcbackend.plot import plot_report
+
+    X = np.random.default_rng(12).standard_normal((5, 3))
+    params = _tree(gc.backends.resolve("numpy", []))
+    report = gc.check(_tree_cost, params, _tree_grads(params, X, bug=True), X)
+    try:
+        ax = report.plot()
+        assert [t.get_text().split("\n")[0] for t in ax.get_xticklabels()] == list(report.parameters)
+        assert report.plot_errors("layers[0].b").get_title().startswith("layers[0].b (2,)")
+        figure = plot_report(report)  # the failing parameter's heatmap by its path
+        assert any(a.get_title().startswith("layers[0].b") for a in figure.axes)
+    finally:
+        plt.close("all")
+    assert "layers[0].b" in report._repr_html_()
