@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ SINGLE = "theta"
 # optree sorts dict keys when it flattens; in this namespace it keeps insertion order, so
 # parameters are numbered in the order the user wrote them (W1, b1, W2, … as in the notebook).
 _NAMESPACE = "gcbackend"
+_ORDER_LOCK = threading.Lock()
 _DICTS = (dict, OrderedDict, defaultdict)
 
 
@@ -141,23 +143,31 @@ def _flatten_tree(params: Any) -> Tree:
         # the engine's plain dict(parts) rebuilds it (no treedef: nothing added per cost call)
         return Tree(tuple(params), tuple(params.values()), None, single=False)
     plain = _plain(params)
-    leaves, treedef = optree.tree_flatten(plain, is_leaf=_numbers_only, namespace=_NAMESPACE)
+    treedef = optree.tree_structure(plain, is_leaf=_numbers_only, namespace=_NAMESPACE)
     if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # one array or number
         return Tree((SINGLE,), (params,), treedef, single=True)
     names: list[str] = []
+    leaves: list[Any] = []
 
     def walk(node: Any, label: str) -> None:
         if node is None:
             return
         if not _is_node(node):
             names.append(label)
+            leaves.append(node)
             return
         for key, kind, child in _children(node):
             walk(child, _join(label, key, kind))
 
     walk(plain, "")
-    if len(names) != len(leaves):  # pragma: no cover - the walk mirrors optree's order
-        raise AssertionError(f"tree walk found {len(names)} leaves, optree {len(leaves)}")
+    # Names and leaves come from one walk, so they always belong together; the treedef must
+    # put the leaves in that same order (dict insertion order), or the cost would receive
+    # them in the wrong places. Checked, not assumed: optree's dict-order mode is a setting.
+    ordered = treedef.flatten_up_to(plain)
+    if len(ordered) != len(leaves) or any(a is not b for a, b in zip(ordered, leaves)):
+        raise AssertionError(
+            "optree flattened params in another order than insertion order"
+        )  # pragma: no cover
     if len(set(names)) != len(names):
         twice = sorted({name for name in names if names.count(name) > 1})
         raise InputError(
@@ -174,7 +184,9 @@ def flatten_tree(params: Any) -> Tree:
     if _flat(params):
         return _flatten_tree(params)
     # Only the flattening needs the mode; the treedef then rebuilds in this order anywhere.
-    with optree.dict_insertion_ordered(True, namespace=_NAMESPACE):
+    # The mode is process-wide, not per thread: the lock keeps one check's exit from the
+    # context from switching it off under another thread's flattening.
+    with _ORDER_LOCK, optree.dict_insertion_ordered(True, namespace=_NAMESPACE):
         return _flatten_tree(params)
 
 

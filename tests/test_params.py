@@ -403,3 +403,20 @@ def test_any_tree_round_trips_through_its_layout_with_a_batch_axis():
         assert match_tree(tree, tree) == dict(zip(parsed.names, parsed.leaves))
 
     round_trip()
+
+
+def test_trees_flattened_on_many_threads_keep_insertion_order():
+    """optree's dict-order mode is process-wide; checks on several threads must not switch
+    it off under each other (the names would then sit on the wrong leaves)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tree = {"z": {"y": np.ones(1), "b": np.ones(2)}, "a": [np.ones(3), {"w": np.ones(4), "c": np.ones(5)}]}
+    expected = ("z.y", "z.b", "a[0]", "a[1].w", "a[1].c")
+
+    def flatten(_):
+        parsed = flatten_tree(tree)
+        return parsed.names, tuple(leaf.size for leaf in parsed.leaves)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = set(pool.map(flatten, range(400)))
+    assert results == {(expected, (1, 2, 3, 4, 5))}
