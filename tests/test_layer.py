@@ -225,29 +225,31 @@ def test_max_pool_overwrite_bug_is_caught_where_windows_share_their_max():
     assert report.verdict == "fail" and report.faults == ("x",)
 
 
-# --------------------------------------------------------------------------- batch norm (NumPy)
+# --------------------------------------------------------------------------- batch norm (xp)
 
 
 def batchnorm_forward(x, gamma, beta, bn_param):
+    xp = array_namespace(x, gamma, beta)
     mode, eps, momentum = bn_param["mode"], bn_param.get("eps", 1e-5), bn_param.get("momentum", 0.9)
-    running_mean = bn_param.get("running_mean", np.zeros(x.shape[1], dtype=x.dtype))
-    mean, var = x.mean(axis=0), x.var(axis=0)
     if mode != "train":  # pragma: no cover - only training mode is checked here
         raise ValueError(mode)
-    xhat = (x - mean) / np.sqrt(var + eps)
+    mean, var = xp.mean(x, axis=0), xp.var(x, axis=0)
+    running_mean = bn_param.get("running_mean", xp.zeros_like(mean))
+    xhat = (x - mean) / xp.sqrt(var + eps)
     bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean  # as the course does
     return gamma * xhat + beta, (xhat, gamma, var, eps)
 
 
 def _batchnorm_backward(dout, cache, *, drop_mean_term=False):
     xhat, gamma, var, eps = cache
+    xp = array_namespace(dout, xhat)
     n = dout.shape[0]
     dxhat = dout * gamma
-    inner = n * dxhat - xhat * np.sum(dxhat * xhat, axis=0)
+    inner = n * dxhat - xhat * xp.sum(dxhat * xhat, axis=0)
     if not drop_mean_term:  # planted when dropped: the term through the batch mean
-        inner = inner - np.sum(dxhat, axis=0)
-    dx = inner / (n * np.sqrt(var + eps))
-    return dx, np.sum(dout * xhat, axis=0), np.sum(dout, axis=0)
+        inner = inner - xp.sum(dxhat, axis=0)
+    dx = inner / (n * xp.sqrt(var + eps))
+    return dx, xp.sum(dout * xhat, axis=0), xp.sum(dout, axis=0)
 
 
 def batchnorm_backward(dout, cache):
@@ -258,20 +260,22 @@ def batchnorm_backward_without_mean_term(dout, cache):
     return _batchnorm_backward(dout, cache, drop_mean_term=True)
 
 
-def _bn_inputs():
+def _bn_inputs(backend):
     rng = _rng(4)
     x = 2.0 + 3.0 * rng.standard_normal((5, 3))
-    return x, rng.standard_normal(3), rng.standard_normal(3), {"mode": "train"}
+    arrays = (to_backend(a, backend) for a in (x, rng.standard_normal(3), rng.standard_normal(3)))
+    return (*arrays, {"mode": "train"})
 
 
-def test_batchnorm_in_training_mode_passes():
-    x, gamma, beta, bn_param = _bn_inputs()
+def test_batchnorm_in_training_mode_passes(backend):
+    x, gamma, beta, bn_param = _bn_inputs(backend)
     report = gc.check_layer(batchnorm_forward, batchnorm_backward, x, gamma, beta, bn_param, **LOOP)
     assert report.verdict == "pass" and tuple(report.parameters) == ("x", "gamma", "beta")
+    assert_on(report.parameters["gamma"].numeric_grad, backend)
 
 
-def test_batchnorm_planted_bug_is_localised_to_x():
-    x, gamma, beta, bn_param = _bn_inputs()
+def test_batchnorm_planted_bug_is_localised_to_x(backend):
+    x, gamma, beta, bn_param = _bn_inputs(backend)
     report = gc.check_layer(
         batchnorm_forward, batchnorm_backward_without_mean_term, x, gamma, beta, bn_param, **LOOP
     )
