@@ -116,10 +116,11 @@ def check_layer(
     Parameters
     ----------
     forward
-        ``forward(*inputs)`` → ``out`` (an array) or ``(out, cache)``. It is called with the inputs unchanged once, then by ``check`` with the
-        floating-point inputs perturbed (and, in a stacked or broadcast evaluation, with a
-        leading batch axis, which it may reject: the evaluation then falls back, see
-        ``check``'s ``mode``).
+        ``forward(*inputs)`` → ``out`` (an array) or ``(out, cache)``. It is called once
+        with (copies of) the inputs, then by ``check`` with the floating-point inputs
+        perturbed — with a leading batch axis where the evaluation stacks rows, so a forward
+        written for one point needs a mode that verifies or avoids that (``mode="loop"``
+        always does; see ``check``'s ``mode``).
     backward
         ``backward(dout, cache)`` → the gradients of the floating-point array inputs, in the
         order of the inputs: a tuple or list, or a single array when there is one. With
