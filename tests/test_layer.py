@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from array_api_compat import array_namespace
 from helpers import assert_bitwise_equal, assert_on, host, snapshot
+from hypothesis import given
+from hypothesis import strategies as st
 
 import gcbackend as gc
 from gcbackend.backends import to_backend
@@ -436,3 +438,29 @@ def test_layer_with_workers_equals_one_thread():
 
 
 # check_layer and parameter trees on a Dask client: tests/test_distributed.py (its cluster).
+
+
+@given(
+    n=st.integers(1, 4),
+    d=st.integers(1, 4),
+    m=st.integers(1, 3),
+    wrong=st.sampled_from([None, 0, 1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_a_dense_layer_passes_and_a_scaled_gradient_fails_exactly_its_input(n, d, m, wrong, seed):
+    """Any shapes: the correct backward passes; one gradient off by 5 % fails that input only."""
+    rng = _rng(seed)
+    x, w, b = rng.standard_normal((n, d)), rng.standard_normal((d, m)), rng.standard_normal(m)
+
+    def backward(dout, cache):
+        grads = list(affine_backward(dout, cache))
+        if wrong is not None:
+            grads[wrong] = grads[wrong] * 1.05
+        return tuple(grads)
+
+    report = gc.check_layer(affine_forward_broadcasting, backward, x, w, b, seed=seed, mode="stacked")
+    names = ("x", "w", "b")
+    if wrong is None:
+        assert report.verdict == "pass"
+    else:
+        assert report.verdict == "fail" and report.faults == (names[wrong],)
