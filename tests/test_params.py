@@ -205,7 +205,7 @@ def test_tree_check_passes_and_a_nested_bug_is_named_by_its_path(backend):
         assert host(leaf).tobytes() == saved[name].tobytes()
 
 
-def test_tree_check_in_loop_mode_and_with_threads_gives_the_same_report():
+def test_tree_check_in_every_evaluation_gives_the_same_faults():
     backend = gc.backends.resolve("numpy", [])
     X = np.random.default_rng(12).standard_normal((5, 3))
     params = _tree(backend)
@@ -213,7 +213,11 @@ def test_tree_check_in_loop_mode_and_with_threads_gives_the_same_report():
     stacked = gc.check(_tree_cost, params, grads, X)
     looped = gc.check(_tree_cost, params, grads, X, mode="loop")
     threads = gc.check(_tree_cost, params, grads, X, workers=2)
-    assert stacked.faults == looped.faults == threads.faults == ("layers[0].b",)
+    per_tensor = gc.check(_tree_cost, params, grads, X, memory_budget=256)  # one tensor per call
+    sampled = gc.check(_tree_cost, params, grads, X, sample=2)
+    screened = gc.check(_tree_cost, params, grads, X, mode="directions")
+    assert stacked.faults == looped.faults == threads.faults == per_tensor.faults == ("layers[0].b",)
+    assert sampled.faults == screened.faults == ("layers[0].b",)
     assert threads.difference == stacked.difference
 
 
