@@ -277,6 +277,8 @@ def prepare(
 
     # params and grads: any tree of dicts/lists/tuples/NamedTuples of arrays (params.py),
     # read into name → leaf here; the Layout's treedef rebuilds the user's structure.
+    if params is None:  # not an empty tree: a mistake, as before trees
+        _refuse_containers(params, "params")
     tree = flatten_tree(params)
     single = tree.single
     if not tree.names:

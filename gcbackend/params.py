@@ -142,24 +142,30 @@ def _flatten_tree(params: Any) -> Tree:
     if _flat(params):  # the common flat dict name → array: its keys are its names, and
         # the engine's plain dict(parts) rebuilds it (no treedef: nothing added per cost call)
         return Tree(tuple(params), tuple(params.values()), None, single=False)
-    plain = _plain(params)
-    treedef = optree.tree_structure(plain, is_leaf=_numbers_only, namespace=_NAMESPACE)
-    if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # one array or number
-        return Tree((SINGLE,), (params,), treedef, single=True)
     names: list[str] = []
     leaves: list[Any] = []
+    found = {"odd": False, "numbers": False}  # containers optree does not know; number lists
 
     def walk(node: Any, label: str) -> None:
         if node is None:
             return
         if not _is_node(node):
+            found["numbers"] |= isinstance(node, (list, tuple))
             names.append(label)
             leaves.append(node)
             return
+        container = type(node)
+        found["odd"] |= not (container in _DICTS or container in (list, tuple) or _is_namedtuple(node))
         for key, kind, child in _children(node):
             walk(child, _join(label, key, kind))
 
-    walk(plain, "")
+    if params is not None and not _is_node(params):  # one array or number
+        return Tree((SINGLE,), (params,), optree.tree_structure(params, is_leaf=_numbers_only), single=True)
+    walk(params, "")
+    plain = _plain(params) if found["odd"] else params  # same leaves, same order
+    treedef = optree.tree_structure(
+        plain, is_leaf=_numbers_only if found["numbers"] else None, namespace=_NAMESPACE
+    )
     # Names and leaves come from one walk, so they always belong together; the treedef must
     # put the leaves in that same order (dict insertion order), or the cost would receive
     # them in the wrong places. Checked, not assumed: optree's dict-order mode is a setting.
