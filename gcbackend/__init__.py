@@ -3,13 +3,15 @@
 ``check(cost, params, grads, *args)`` compares the gradients a backward pass returned with
 central finite differences of the cost, evaluated in stacked batches through any array-API
 library (NumPy, CuPy, PyTorch, JAX, array-api-strict, Dask), and reports which parameter is
-wrong, where, and by how much.
+wrong, where, and by how much. ``check_layer(forward, backward, *inputs)`` checks one
+layer's backward pass (J = Σ out·dout for a seeded random dout).
 """
 
 from . import models, testing
 from .backends import BACKEND_NAMES
 from .check import NOTEBOOK, check
 from .errors import BackendUnavailableError, CostError, GradCheckError, InputError, InputTypeError
+from .layer import check_layer
 from .report import ElementError, ParameterResult, Report
 
 __version__ = "0.1.0"
@@ -26,6 +28,7 @@ __all__ = [
     "ParameterResult",
     "Report",
     "check",
+    "check_layer",
     "models",
     "testing",
 ]

@@ -52,11 +52,15 @@ def check(
         parameters with a leading batch axis (some tensors of shape (B, *shape)) and return
         shape (B,); write it with broadcasting (``@``, reductions over trailing axes).
     params
-        A mapping name → array, or one array or Python number (reported as ``"theta"``).
-        Real floating dtypes (Python numbers become float64). Never modified.
+        A mapping name → array, one array or Python number (reported as ``"theta"``), or a
+        tree: nested dicts, lists, tuples and NamedTuples of arrays, each leaf named by its
+        path (``encoder.W``, ``layers[0][1]``, ``layers[0].W``; see ``gcbackend.params``).
+        The cost receives the same structure. Real floating dtypes (Python numbers become
+        float64). Never modified.
     grads
-        The same structure; keys ``"W1"`` or ``"dW1"``. Keys that name no parameter and do
-        not look like one (``dZ3``, ``dA2``) are ignored. Never modified.
+        The same structure; at every mapping keys ``"W1"`` or ``"dW1"``. Keys that name no
+        parameter and do not look like one (``dZ3``, ``dA2``) are ignored. A structure that
+        differs from params' is an InputError naming the first differing path. Never modified.
     *args
         Passed to the cost unchanged after arrays among them are copied to the backend.
     backend, device

@@ -18,7 +18,7 @@ import array_api_compat
 from . import engine
 from .backends import Backend, is_array, prime_host_allocator, resolve, to_backend, to_host
 from .errors import InputError, InputTypeError
-from .params import SINGLE, Layout, match_grads
+from .params import Layout, flatten_tree, match_tree
 
 __all__ = ["MODES", "Prepared", "prepare"]
 
@@ -30,12 +30,6 @@ def _is_number(x: object) -> bool:
 
 
 def _refuse_containers(value: Any, what: str) -> None:
-    if isinstance(value, (list, tuple)) and what in ("params", "grads") and any(map(is_array, value)):
-        # Several tensors (of different shapes, most likely) cannot become one array.
-        raise InputTypeError(
-            f"{what} is a Python {type(value).__name__} of {len(value)} arrays; pass a dict name → "
-            "array, e.g. {'W1': W1, 'b1': b1, ...}, with grads keyed the same (or 'dW1', ...)"
-        )
     if isinstance(value, (list, tuple)):
         raise InputTypeError(
             f"{what} is a Python {type(value).__name__}; pass an array (e.g. numpy.asarray(...)) "
@@ -300,27 +294,22 @@ def prepare(
     epsilon = epsilon if epsilon == "auto" else float(epsilon)
     threshold = threshold if threshold == "auto" else float(threshold)
 
-    single = not isinstance(params, Mapping)
-    if not single:
-        if not params:
-            raise InputError("params is empty; pass a mapping name → array with at least one entry")
-        for name, value in params.items():
-            _refuse_containers(value, f"params[{name!r}]")
-        if not isinstance(grads, Mapping):
-            raise InputTypeError(
-                f"params is a mapping but grads is a {type(grads).__name__}; pass grads as a "
-                "mapping with the same names (or 'd' + name)"
-            )
-        _refuse_swapped(params, grads)
-        picked = match_grads(tuple(params), grads)
-    else:
+    # params and grads: any tree of dicts/lists/tuples/NamedTuples of arrays (params.py),
+    # read into name → leaf here; the Layout's treedef rebuilds the user's structure.
+    if params is None:  # not an empty tree: a mistake, as before trees
         _refuse_containers(params, "params")
-        if isinstance(grads, Mapping):
-            raise InputTypeError(
-                "params is a single array/number but grads is a mapping; pass one array/number"
-            )
-        picked = {SINGLE: grads}
-        params = {SINGLE: params}
+    tree = flatten_tree(params)
+    single = tree.single
+    if not tree.names:
+        raise InputError(
+            "params is empty; pass a mapping name → array (or a tree of arrays) with at least one entry"
+        )
+    for name, value in zip(tree.names, tree.leaves):
+        _refuse_containers(value, "params" if single else f"params[{name!r}]")
+    if isinstance(params, Mapping) and isinstance(grads, Mapping):
+        _refuse_swapped(params, grads)
+    picked = match_tree(params, grads)
+    params = dict(zip(tree.names, tree.leaves))
     for name, value in picked.items():
         _refuse_containers(value, f"grads[{name!r}]")
 
@@ -350,7 +339,9 @@ def prepare(
         _require_budget(parts, budget, xp)
     moved_args = tuple(to_backend(a, chosen) if is_array(a) else a for a in args)
 
-    layout = Layout(tuple(parts), tuple(tuple(p.shape) for p in parts.values()), single=single)
+    layout = Layout(
+        tuple(parts), tuple(tuple(p.shape) for p in parts.values()), single=single, treedef=tree.treedef
+    )
     notes: list[str] = []
     parts, moved_args = _upcast(parts, moved_args, xp, notes) if upcast else (parts, moved_args)
     return Prepared(chosen, parts, analytic, moved_args, layout, epsilon, threshold, budget, notes)

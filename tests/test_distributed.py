@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -222,3 +223,59 @@ def test_every_backend_evaluates_on_the_workers_and_lands_back_on_its_device(cli
     assert_same_report(remote, local)
     assert_on(remote.parameters["W2"].numeric_grad, backend)
     assert np.isclose(remote.difference, 1.1890913024229996e-07)
+
+
+# --------------------------------------------------------------------------- layers and trees
+
+
+class _Dense(NamedTuple):
+    W: Any
+    b: Any
+
+
+def _tree_cost(params, X):
+    """Broadcasts over a leading batch axis of any leaf of a tree of dicts, lists, NamedTuples."""
+    hidden = np.tanh(X @ params["encoder"]["W"] + params["encoder"]["b"][..., None, :])
+    dense = params["layers"][0]
+    return np.sum(hidden @ dense.W + dense.b[..., None, :], axis=(-2, -1))
+
+
+@needs_dask
+def test_a_parameter_tree_travels_and_the_report_is_the_local_one(client):
+    rng = np.random.default_rng(13)
+    X = rng.standard_normal((4, 3))
+    params = {
+        "encoder": {"W": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)},
+        "layers": [_Dense(rng.standard_normal((2, 2)), rng.standard_normal(2))],
+    }
+    hidden = np.tanh(X @ params["encoder"]["W"] + params["encoder"]["b"])
+    dz = (np.ones((4, 2)) @ params["layers"][0].W.T) * (1 - hidden**2)
+    grads = {
+        "encoder": {"W": X.T @ dz, "b": dz.sum(0) * 1.01},  # planted in a nested leaf
+        "layers": [_Dense(hidden.T @ np.ones((4, 2)), np.full(2, 4.0))],
+    }
+    local = gc.check(_tree_cost, params, grads, X)
+    remote = gc.check(_tree_cost, params, grads, X, client=client)
+    assert local.faults == ("encoder.b",)
+    assert_same_report(remote, local)
+
+
+def _affine_forward(x, w, b):
+    return x @ w + b[..., None, :], (x, w, b)
+
+
+def _affine_backward_with_bug(dout, cache):
+    x, w, _ = cache
+    return dout @ w.T, x.T @ dout / x.shape[0], dout.sum(0)  # planted: dw averaged
+
+
+@needs_dask
+def test_a_layer_check_on_the_cluster_is_the_local_one(client):
+    rng = np.random.default_rng(14)
+    x, w, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2)), rng.standard_normal(2)
+    local = gc.check_layer(_affine_forward, _affine_backward_with_bug, x, w, b, mode="stacked")
+    remote = gc.check_layer(
+        _affine_forward, _affine_backward_with_bug, x, w, b, mode="stacked", client=client
+    )
+    assert local.faults == ("w",)
+    assert_same_report(remote, local)

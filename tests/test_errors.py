@@ -131,14 +131,15 @@ def test_python_list_refused():
         check(lambda theta, x: theta @ x, [1.0, 2.0], np.ones(2), np.ones(2))
 
 
-def test_params_as_a_list_of_arrays_asks_for_a_dict():
+def test_params_as_a_list_of_arrays_needs_grads_of_the_same_structure():
+    """A list of arrays is a parameter tree (issue 15); grads must then be a list too."""
     X, Y, params = mlp.seed_case()
     grads = mlp.backward(params, X, Y)
     with pytest.raises(gc.InputTypeError) as caught:
         check(mlp.cost, list(params.values()), grads, X, Y)
     assert str(caught.value) == (
-        "params is a Python list of 6 arrays; pass a dict name → array, e.g. {'W1': W1, 'b1': b1, ...}, "
-        "with grads keyed the same (or 'dW1', ...)"
+        "params is a list of 6 but grads is a mapping; pass grads with the same structure as params "
+        "(a list or tuple there)"
     )
 
 
