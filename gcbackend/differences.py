@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import array_api_compat
+
 from . import engine
 from .backends import to_host
 from .params import Layout
@@ -117,6 +119,11 @@ def estimate(
     the smaller error bar. A refinement round is passed J(θ) as ``center`` and δ as
     ``rounding``: both are the first round's, measured over every element.
     """
+    hops = None
+    if directions is not None:
+        # One step per tensor along unit directions: the values are true directional
+        # derivatives uᵀ∇J, and a refinement round only shrinks the step.
+        hops = {name: xp.max(xp.reshape(steps[name], (-1,))) for name in directions}
     grid = engine.stencil_costs(
         cost,
         parts,
@@ -129,7 +136,7 @@ def estimate(
         memory_budget=memory_budget,
         progress=progress,
         elements=elements,
-        directions=directions,
+        directions=None if directions is None else {name: u * hops[name] for name, u in directions.items()},
         runner=runner,
     )
     if center is None:
@@ -137,19 +144,25 @@ def estimate(
     numeric, error, kink, low, high, fourth, pieces = {}, {}, {}, {}, {}, {}, {}
     for name, costs in grid.items():
         if directions is not None:
-            h = xp.ones((costs.shape[1],), dtype=costs.dtype, device=costs.device)
+            h = xp.astype(hops[name], costs.dtype)
         elif elements is not None:
             h = xp.astype(xp.take(xp.reshape(steps[name], (-1,)), elements[name]), costs.dtype)
         else:
             h = xp.astype(steps[name], costs.dtype)
         plus, minus, plus2, minus2 = costs[0, ...], costs[1, ...], costs[2, ...], costs[3, ...]
-        one = (plus - minus) / (2 * h)
-        two = (plus2 - minus2) / (4 * h)
+        # Differences from J(θ) first: no sum of costs can overflow where J itself is finite.
+        rise, fall = plus - center, center - minus
+        rise2, fall2 = plus2 - center, center - minus2
+        one = (rise + fall) / (2 * h)
+        two = (rise2 + fall2) / (4 * h)
         numeric[name] = one if order == 2 else (4.0 * one - two) / 3.0
-        fourth[name] = 6.0 * center - 4.0 * (plus + minus) + (plus2 + minus2)
-        pieces[name] = (one, two, h, plus - center, center - minus, (plus2 - center) - (center - minus2))
+        fourth[name] = (rise2 - fall2) - 4.0 * (rise - fall)
+        # An element J does not depend on (a dead ReLU unit, a dropped-out one) leaves J
+        # bit for bit unchanged: it says nothing about J's rounding, and is left out of δ.
+        still = (rise == 0) & (fall == 0) & (rise2 == 0) & (fall2 == 0)
+        pieces[name] = (one, two, h, rise, fall, rise2 - fall2, still)
     delta = _rounding(center, fourth, pieces, xp) if rounding is None else rounding
-    for name, (one, two, h, rise, fall, _) in pieces.items():
+    for name, (one, two, h, rise, fall, _, _) in pieces.items():
         # |D(h) − D(2h)| / 3 is D(h)'s truncation (Richardson); δ/h bounds its rounding.
         error[name] = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * delta / h
         is_kink = xp.reshape(_kinks(pieces[name], delta, xp), tuple(rise.shape))
@@ -166,21 +179,22 @@ def estimate(
     counts = to_host(xp.stack([xp.sum(xp.astype(m, xp.int64)) for m in suspects.values()])).tolist()
     if not any(counts):
         return first
-    where = {name: xp.nonzero(m)[0] for name, m in suspects.items()}
+    # Only the flagged elements are evaluated again (a host-side index list: the mask is
+    # already on the host's mind, and a lazy backend such as Dask cannot size a nonzero).
+    flags = {name: to_host(m).reshape(-1).tolist() for name, m in suspects.items()}
+    where = {
+        name: xp.asarray(
+            [i for i, f in enumerate(flag) if f], dtype=xp.int64, device=array_api_compat.device(m)
+        )
+        for (name, flag), m in zip(flags.items(), suspects.values())
+    }
+    narrower = dict(steps={name: (p + steps[name] / REFINE_FACTOR) - p for name, p in parts.items()})
     if directions is None:
-        narrower = dict(
-            steps={name: (p + steps[name] / REFINE_FACTOR) - p for name, p in parts.items()},
-            elements={
-                name: at if elements is None else xp.take(elements[name], at) for name, at in where.items()
-            },
-        )
-    else:  # along u/F the derivative is 1/F of the one along u: scaled back below
-        narrower = dict(
-            steps=steps,
-            directions={
-                name: xp.take(directions[name], at, axis=0) / REFINE_FACTOR for name, at in where.items()
-            },
-        )
+        narrower["elements"] = {
+            name: at if elements is None else xp.take(elements[name], at) for name, at in where.items()
+        }
+    else:
+        narrower["directions"] = {name: xp.take(directions[name], at, axis=0) for name, at in where.items()}
     closer = estimate(
         cost,
         parts,
@@ -197,16 +211,6 @@ def estimate(
         rounding=delta,
         **narrower,
     )
-    if directions is not None:
-        closer = Estimate(
-            **{
-                field: {name: v * REFINE_FACTOR for name, v in getattr(closer, field).items()}
-                for field in ("numeric", "error", "low", "high")
-            },
-            kink=closer.kink,
-            rounding=closer.rounding,
-            refined=closer.refined,
-        )
     merged = {field: {} for field in ("numeric", "error", "kink", "low", "high")}
     for (name, mask), count in zip(suspects.items(), counts):
         shape = tuple(first.numeric[name].shape)
@@ -231,35 +235,51 @@ def _rounding(center: Any, fourth: dict[str, Any], pieces: dict[str, tuple[Any, 
 
     The fourth difference 6J₀ − 4(J₊ + J₋) + (J₊₂ + J₋₂) is h⁴J⁗ (negligible) plus rounding
     of standard deviation √70·δ. Elements near a kink have a jump there instead, so: a
-    robust first guess from the median (0.6745σ for normal noise), kinks flagged with it,
-    then the RMS over the other elements (rounding is heavy-tailed: the median alone
-    underestimates it up to 6× on the seed case), leaving out gross outliers too: a kink
-    crossed between θ and θ ± 2h makes the fourth difference ~1e8·δ (the M model of
-    bench/run.py: 66 of 2,625 elements), and one of them would inflate δ a million-fold.
+    robust first guess from the median over the elements whose one-sided slopes do not
+    jump alike at h and 2h (a kink's do, whatever δ: with half of a tensor's elements on
+    ReLU kinks the median was a kink's jump and δ, so every error bar, grew a million-fold),
+    kinks flagged with it, then the RMS over the other elements (rounding is heavy-tailed:
+    the median alone underestimates it up to 6× on the seed case), leaving out gross
+    outliers too: a kink crossed between θ and θ ± 2h makes the fourth difference ~1e8·δ
+    (the M model of bench/run.py: 66 of 2,625 elements), and one of them would inflate δ a
+    million-fold. Elements J does not depend on (J bit for bit unchanged) are left out:
+    their fourth difference is exactly 0 and would dilute δ (a dropout mask that drops a
+    unit on every example made a correct W1 fail). Sums are of scaled values (no overflow
+    or underflow at any scale of J).
     """
     flat4 = {name: xp.reshape(v, (-1,)) for name, v in fourth.items()}
-    pooled = xp.sort(xp.abs(xp.concat(list(flat4.values()))))
-    middle = pooled.shape[0] // 2
-    median = pooled[middle] if pooled.shape[0] % 2 else (pooled[middle - 1] + pooled[middle]) / 2
-    eps = float(xp.finfo(pooled.dtype).eps)
+    eps = float(xp.finfo(center.dtype).eps)
     floor = eps * xp.abs(center)
-    guess = xp.maximum(median / (0.6745 * 70.0**0.5), floor)
+    live = {name: ~xp.reshape(pieces[name][-1], (-1,)) for name in pieces}
+    alike = {name: _kinks(pieces[name], xp.zeros_like(floor), xp) for name in pieces}
+    informative = xp.concat([live[name] & ~alike[name] for name in pieces])
+    pooled_all = xp.abs(xp.concat(list(flat4.values())))
+    # The median of the informative elements: the others sort to the end, as +Inf.
+    pooled = xp.sort(xp.where(informative, pooled_all, xp.full_like(pooled_all, xp.inf)))
+    count = int(to_host(xp.sum(xp.astype(informative, xp.int64))))
+    if count == 0:
+        guess = floor
+    else:
+        middle = count // 2
+        median = pooled[middle] if count % 2 else (pooled[middle - 1] + pooled[middle]) / 2
+        guess = xp.maximum(median / (0.6745 * 70.0**0.5), floor)
     # A kink crossed within ±2h (not at θ, so not flagged) leaves a jump of 1e8δ, not 10δ.
     gross = KINK_SIGNIFICANCE * 70.0**0.5 * guess
-    smooth = {name: ~_kinks(pieces[name], guess, xp) & (xp.abs(flat4[name]) <= gross) for name in pieces}
-    squares = xp.concat(
-        [xp.where(smooth[name], flat4[name] * flat4[name], xp.zeros_like(flat4[name])) for name in pieces]
+    smooth = xp.concat(
+        [live[name] & ~_kinks(pieces[name], guess, xp) & (xp.abs(flat4[name]) <= gross) for name in pieces]
     )
-    counted = xp.concat([xp.astype(smooth[name], squares.dtype) for name in pieces])
-    return xp.maximum(
-        xp.sqrt(xp.sum(squares) / xp.maximum(xp.sum(counted), xp.ones_like(floor)) / 70.0), guess
-    )
+    kept = xp.where(smooth, pooled_all, xp.zeros_like(pooled_all))
+    scale = xp.max(kept)
+    scale = xp.where(scale > 0, scale, xp.ones_like(scale))
+    counted = xp.maximum(xp.sum(xp.astype(smooth, kept.dtype)), xp.ones_like(scale))
+    rms = scale * xp.linalg.vector_norm(kept / scale) / xp.sqrt(counted * 70.0)
+    return xp.maximum(rms, guess)
 
 
 def _kinks(piece: tuple[Any, ...], delta: Any, xp: ModuleType) -> Any:
     """Flat mask of elements whose one-sided slopes differ by a jump that does not shrink
     with h (a smooth function's differ by h·J″, which doubles with h)."""
-    _, _, h, rise, fall, jump2 = piece
+    _, _, h, rise, fall, jump2, _ = piece
     jump = xp.reshape((rise - fall) / h, (-1,))
     jump_at_2h = xp.reshape(jump2 / (2 * h), (-1,))
     significant = xp.abs(jump) > KINK_SIGNIFICANCE * xp.reshape(delta / h, (-1,))
