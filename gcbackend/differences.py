@@ -160,15 +160,21 @@ def estimate(
         # An element J does not depend on (a dead ReLU unit, a dropped-out one) leaves J
         # bit for bit unchanged: it says nothing about J's rounding, and is left out of δ.
         still = (rise == 0) & (fall == 0) & (rise2 == 0) & (fall2 == 0)
-        pieces[name] = (one, two, h, rise, fall, rise2 - fall2, still)
+        pieces[name] = (one, two, h, rise, fall, rise2 - fall2, still, rise2, fall2)
     delta = _rounding(center, fourth, pieces, xp) if rounding is None else rounding
-    for name, (one, two, h, rise, fall, _, _) in pieces.items():
+    for name, (one, two, h, rise, fall, _, _, rise2, fall2) in pieces.items():
         # |D(h) − D(2h)| / 3 is D(h)'s truncation (Richardson); δ/h bounds its rounding.
-        error[name] = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * delta / h
+        central = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * delta / h
         is_kink = xp.reshape(_kinks(pieces[name], delta, xp), tuple(rise.shape))
         kink[name] = is_kink if directions is None else xp.zeros_like(is_kink)
         right, left = rise / h, fall / h
         low[name], high[name] = xp.minimum(left, right), xp.maximum(left, right)
+        # At a kink the one-sided slopes are what is compared: each is off by its own
+        # truncation, h·J″/2 ≈ its change from h to 2h, and by 2δ/h of rounding.
+        one_sided = (
+            xp.maximum(xp.abs(right - rise2 / (2 * h)), xp.abs(left - fall2 / (2 * h))) + 2.0 * delta / h
+        )
+        error[name] = xp.where(kink[name], one_sided, central)
     first = Estimate(numeric, error, kink, low, high, float(to_host(delta)))
     if refine <= 0:
         return first
@@ -250,7 +256,7 @@ def _rounding(center: Any, fourth: dict[str, Any], pieces: dict[str, tuple[Any, 
     flat4 = {name: xp.reshape(v, (-1,)) for name, v in fourth.items()}
     eps = float(xp.finfo(center.dtype).eps)
     floor = eps * xp.abs(center)
-    live = {name: ~xp.reshape(pieces[name][-1], (-1,)) for name in pieces}
+    live = {name: ~xp.reshape(pieces[name][6], (-1,)) for name in pieces}
     alike = {name: _kinks(pieces[name], xp.zeros_like(floor), xp) for name in pieces}
     informative = xp.concat([live[name] & ~alike[name] for name in pieces])
     pooled_all = xp.abs(xp.concat(list(flat4.values())))
@@ -279,7 +285,7 @@ def _rounding(center: Any, fourth: dict[str, Any], pieces: dict[str, tuple[Any, 
 def _kinks(piece: tuple[Any, ...], delta: Any, xp: ModuleType) -> Any:
     """Flat mask of elements whose one-sided slopes differ by a jump that does not shrink
     with h (a smooth function's differ by h·J″, which doubles with h)."""
-    _, _, h, rise, fall, jump2, _ = piece
+    _, _, h, rise, fall, jump2, *_ = piece
     jump = xp.reshape((rise - fall) / h, (-1,))
     jump_at_2h = xp.reshape(jump2 / (2 * h), (-1,))
     significant = xp.abs(jump) > KINK_SIGNIFICANCE * xp.reshape(delta / h, (-1,))

@@ -189,8 +189,13 @@ class Report:
             lines.append("Parameters at fault, worst first: " + ", ".join(self._named(culprits)))
             for name in culprits:
                 for e in self.parameters[name].top:
+                    where = (
+                        f"{name} direction {e.index[0]}"
+                        if self.mode == "directions"
+                        else f"{name}{list(e.index)}"
+                    )
                     lines.append(
-                        f"  {name}{list(e.index)}: analytic {e.analytic:.9g}, numeric {e.numeric:.9g}, "
+                        f"  {where}: analytic {e.analytic:.9g}, numeric {e.numeric:.9g}, "
                         f"|error| {e.absolute:.3g}, relative {e.relative:.3g}"
                     )
         else:
