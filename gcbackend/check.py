@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from . import differences, engine, inputs, judge
-from .backends import host_random, to_backend
+from .backends import host_random, take, to_backend
 from .report import Report
 
 MODES = inputs.MODES
@@ -317,8 +317,8 @@ def _plan(parts, analytic, chosen, *, epsilon, mode, directions, sample, seed, n
             size = math.prod(part.shape)
             sampled[name] = sorted(rng.choice(size, size=min(int(sample), size), replace=False).tolist())
             elements[name] = xp.asarray(sampled[name], dtype=xp.int64, device=chosen.device)
-            targets[name] = xp.take(xp.reshape(analytic[name], (-1,)), elements[name])
-            allowance[name] = xp.take(xp.reshape(rounding[name], (-1,)), elements[name])
+            targets[name] = take(xp.reshape(analytic[name], (-1,)), elements[name], xp)
+            allowance[name] = take(xp.reshape(rounding[name], (-1,)), elements[name], xp)
         notes.append(f"sampled check: {sample} element(s) per tensor (seed={seed})")
         rows = sum(len(v) for v in sampled.values())
         return _Plan(judge.Coverage("sample", sampled), targets, allowance, rows, elements=elements)

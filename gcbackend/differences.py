@@ -27,7 +27,7 @@ from typing import Any
 import array_api_compat
 
 from . import engine
-from .backends import to_host
+from .backends import take, to_host
 from .params import Layout
 
 __all__ = ["REFINE_FACTOR", "REFINE_ROUNDS", "STEP_ROUNDING", "Estimate", "auto_steps", "estimate"]
@@ -146,7 +146,7 @@ def estimate(
         if directions is not None:
             h = xp.astype(hops[name], costs.dtype)
         elif elements is not None:
-            h = xp.astype(xp.take(xp.reshape(steps[name], (-1,)), elements[name]), costs.dtype)
+            h = xp.astype(take(xp.reshape(steps[name], (-1,)), elements[name], xp), costs.dtype)
         else:
             h = xp.astype(steps[name], costs.dtype)
         plus, minus, plus2, minus2 = costs[0, ...], costs[1, ...], costs[2, ...], costs[3, ...]
@@ -197,10 +197,10 @@ def estimate(
     narrower = dict(steps={name: (p + steps[name] / REFINE_FACTOR) - p for name, p in parts.items()})
     if directions is None:
         narrower["elements"] = {
-            name: at if elements is None else xp.take(elements[name], at) for name, at in where.items()
+            name: at if elements is None else take(elements[name], at, xp) for name, at in where.items()
         }
     else:
-        narrower["directions"] = {name: xp.take(directions[name], at, axis=0) for name, at in where.items()}
+        narrower["directions"] = {name: take(directions[name], at, xp, axis=0) for name, at in where.items()}
     closer = estimate(
         cost,
         parts,

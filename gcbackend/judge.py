@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .backends import to_host
+from .backends import take, to_host
 from .inputs import _dtype_name, _indices, _unravel
 from .report import ElementError, ParameterResult, Report
 
@@ -283,8 +283,8 @@ def judge(
             for piece in (
                 judged[name].stats,
                 judged[name].worst,
-                xp.take(judged[name].analytic, judged[name].worst),
-                xp.take(judged[name].numeric, judged[name].worst),
+                take(judged[name].analytic, judged[name].worst, xp),
+                take(judged[name].numeric, judged[name].worst, xp),
             )
         ]
     )
