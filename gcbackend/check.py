@@ -302,7 +302,7 @@ def _plan(parts, analytic, chosen, *, epsilon, mode, directions, sample, seed, n
             grad = xp.reshape(xp.astype(analytic[name], part.dtype), (-1,))
             targets[name] = xp.reshape(units[name] @ grad, (-1,))
             # |uᵀe| ≤ ‖u‖·‖e‖ = ‖e‖ for the backprop's rounding e.
-            bound = xp.linalg.vector_norm(xp.reshape(rounding[name], (-1,)))
+            bound = judge.norm(rounding[name], xp)
             allowance[name] = xp.full((directions,), 1.0, dtype=bound.dtype, device=chosen.device) * bound
         notes.append(
             f"fast screen: {directions} seeded unit Gaussian directions u per tensor (seed={seed}); each "

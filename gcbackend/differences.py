@@ -110,8 +110,10 @@ def estimate(
     """Derivatives with error bars from the stencil ±h, ±2h (and J(θ) once) in one pass.
 
     ``steps`` maps names to h (the tensor's shape). With ``elements`` (flat indices per
-    name) only those elements are evaluated; with ``directions`` (name → (k, n) rows, the
-    step included) the derivatives are along those rows, and kinks are not judged.
+    name) only those elements are evaluated; with ``directions`` (name → (k, n) unit rows)
+    the derivatives are along those rows, with one step per tensor, the largest of
+    ``steps[name]``. A kink along a direction is flagged like an element's: for a correct
+    subgradient g, uᵀg lies between the one-sided directional derivatives.
     ``runner`` evaluates the stacked calls elsewhere (``engine.stencil_costs``); J(θ) stays here.
 
     Up to ``refine`` rounds re-evaluate, with steps REFINE_FACTOR times smaller, the elements
@@ -166,7 +168,7 @@ def estimate(
         # |D(h) − D(2h)| / 3 is D(h)'s truncation (Richardson); δ/h bounds its rounding.
         central = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * delta / h
         is_kink = xp.reshape(_kinks(pieces[name], delta, xp), tuple(rise.shape))
-        kink[name] = is_kink if directions is None else xp.zeros_like(is_kink)
+        kink[name] = is_kink
         right, left = rise / h, fall / h
         low[name], high[name] = xp.minimum(left, right), xp.maximum(left, right)
         # At a kink the one-sided slopes are what is compared: each is off by its own
