@@ -68,12 +68,14 @@ def check(
         (J at ±h and ±2h, and J(θ) once: 4N + 1 evaluations). Numbers: the notebook's way,
         ``**gc.NOTEBOOK`` (epsilon=1e-7, threshold=2e-7), 2N evaluations, no error bars.
     order
-        2 (default) or 4: the 4-point stencil (±h, ±2h) of the same evaluations.
+        2 (default) or 4: the 4-point stencil (±h, ±2h) of the same evaluations, at order
+        2's step with an error bar no wider than order 2's (as sensitive, more accurate).
     mode
         ``"stacked"`` (one cost call per chunk of perturbation rows), ``"loop"`` (one call
         per row: the notebook's algorithm) or ``"directions"``: the fast screen, ``directions``
-        seeded unit Gaussian directions per tensor, 4·k·(number of tensors) + 1 evaluations
-        whatever N is.
+        seeded unit Gaussian directions u per tensor, 4·k·(number of tensors) + 1 evaluations
+        whatever N is; its values are directional derivatives uᵀ∇J against uᵀg, reported
+        as ``direction k``.
     sample, seed
         ``sample=k`` checks k seeded coordinates per tensor (every tensor covered); ``seed``
         seeds sampling and directions (never the user's RNG).
@@ -107,6 +109,8 @@ def check(
     Report
         ``difference`` (formula (2) over all checked values), ``verdict`` ("pass", "fail",
         "inconclusive"), ``passed``, ``expected``, per-parameter results with top-k elements.
+        Each gradient is judged element by element to the precision of its own dtype (see
+        ``gcbackend.judge``): kinks against their one-sided slopes, exact zeros as agreement.
 
     Raises
     ------

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_compat
 
@@ -143,7 +143,7 @@ def estimate(
     )
     if center is None:
         center = engine.evaluate_center(cost, layout.wrap(dict(parts)), args, xp=xp)
-    numeric, error, kink, low, high, fourth, pieces = {}, {}, {}, {}, {}, {}, {}
+    numeric, error, kink, low, high, fourth, stencils = {}, {}, {}, {}, {}, {}, {}
     for name, costs in grid.items():
         if directions is not None:
             h = xp.astype(hops[name], costs.dtype)
@@ -162,12 +162,12 @@ def estimate(
         # An element J does not depend on (a dead ReLU unit, a dropped-out one) leaves J
         # bit for bit unchanged: it says nothing about J's rounding, and is left out of δ.
         still = (rise == 0) & (fall == 0) & (rise2 == 0) & (fall2 == 0)
-        pieces[name] = (one, two, h, rise, fall, rise2 - fall2, still, rise2, fall2)
-    delta = _rounding(center, fourth, pieces, xp) if rounding is None else rounding
-    for name, (one, two, h, rise, fall, _, _, rise2, fall2) in pieces.items():
+        stencils[name] = _Stencil(one, two, h, rise, fall, rise2, fall2, still)
+    delta = _rounding(center, fourth, stencils, xp) if rounding is None else rounding
+    for name, (one, two, h, rise, fall, rise2, fall2, _) in stencils.items():
         # |D(h) − D(2h)| / 3 is D(h)'s truncation (Richardson); δ/h bounds its rounding.
         central = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * delta / h
-        is_kink = xp.reshape(_kinks(pieces[name], delta, xp), tuple(rise.shape))
+        is_kink = xp.reshape(_kinks(stencils[name], delta, xp), tuple(rise.shape))
         kink[name] = is_kink
         right, left = rise / h, fall / h
         low[name], high[name] = xp.minimum(left, right), xp.maximum(left, right)
@@ -183,7 +183,7 @@ def estimate(
     # A fourth difference far above rounding (a smooth J's is h⁴J⁗, nothing) where the
     # slopes do not jump at θ itself: a kink crossed within ±2h. Ask again, closer in.
     gross = KINK_SIGNIFICANCE * 70.0**0.5 * delta
-    suspects = {name: xp.reshape((xp.abs(fourth[name]) > gross) & ~kink[name], (-1,)) for name in pieces}
+    suspects = {name: xp.reshape((xp.abs(fourth[name]) > gross) & ~kink[name], (-1,)) for name in stencils}
     counts = to_host(xp.stack([xp.sum(xp.astype(m, xp.int64)) for m in suspects.values()])).tolist()
     if not any(counts):
         return first
@@ -238,7 +238,20 @@ def estimate(
     return Estimate(**merged, rounding=first.rounding, refined=sum(counts) + closer.refined)
 
 
-def _rounding(center: Any, fourth: dict[str, Any], pieces: dict[str, tuple[Any, ...]], xp: ModuleType) -> Any:
+class _Stencil(NamedTuple):
+    """One tensor's stencil: D(h), D(2h), h, and J at ±h, ±2h relative to J(θ)."""
+
+    one: Any
+    two: Any
+    h: Any
+    rise: Any  # J(θ + h) − J(θ)
+    fall: Any  # J(θ) − J(θ − h)
+    rise2: Any  # J(θ + 2h) − J(θ)
+    fall2: Any  # J(θ) − J(θ − 2h)
+    still: Any  # J bit for bit unchanged at all four points: J does not depend on it
+
+
+def _rounding(center: Any, fourth: dict[str, Any], stencils: dict[str, _Stencil], xp: ModuleType) -> Any:
     """δ, the rounding error of one evaluation of J, measured (a 0-d array).
 
     The fourth difference 6J₀ − 4(J₊ + J₋) + (J₊₂ + J₋₂) is h⁴J⁗ (negligible) plus rounding
@@ -258,9 +271,9 @@ def _rounding(center: Any, fourth: dict[str, Any], pieces: dict[str, tuple[Any, 
     flat4 = {name: xp.reshape(v, (-1,)) for name, v in fourth.items()}
     eps = float(xp.finfo(center.dtype).eps)
     floor = eps * xp.abs(center)
-    live = {name: ~xp.reshape(pieces[name][6], (-1,)) for name in pieces}
-    alike = {name: _kinks(pieces[name], xp.zeros_like(floor), xp) for name in pieces}
-    informative = xp.concat([live[name] & ~alike[name] for name in pieces])
+    live = {name: ~xp.reshape(stencil.still, (-1,)) for name, stencil in stencils.items()}
+    alike = {name: _kinks(stencil, xp.zeros_like(floor), xp) for name, stencil in stencils.items()}
+    informative = xp.concat([live[name] & ~alike[name] for name in stencils])
     pooled_all = xp.abs(xp.concat(list(flat4.values())))
     # The median of the informative elements: the others sort to the end, as +Inf.
     pooled = xp.sort(xp.where(informative, pooled_all, xp.full_like(pooled_all, xp.inf)))
@@ -274,7 +287,10 @@ def _rounding(center: Any, fourth: dict[str, Any], pieces: dict[str, tuple[Any, 
     # A kink crossed within ±2h (not at θ, so not flagged) leaves a jump of 1e8δ, not 10δ.
     gross = KINK_SIGNIFICANCE * 70.0**0.5 * guess
     smooth = xp.concat(
-        [live[name] & ~_kinks(pieces[name], guess, xp) & (xp.abs(flat4[name]) <= gross) for name in pieces]
+        [
+            live[name] & ~_kinks(stencils[name], guess, xp) & (xp.abs(flat4[name]) <= gross)
+            for name in stencils
+        ]
     )
     kept = xp.where(smooth, pooled_all, xp.zeros_like(pooled_all))
     scale = xp.max(kept)
@@ -284,11 +300,11 @@ def _rounding(center: Any, fourth: dict[str, Any], pieces: dict[str, tuple[Any, 
     return xp.maximum(rms, guess)
 
 
-def _kinks(piece: tuple[Any, ...], delta: Any, xp: ModuleType) -> Any:
+def _kinks(stencil: _Stencil, delta: Any, xp: ModuleType) -> Any:
     """Flat mask of elements whose one-sided slopes differ by a jump that does not shrink
     with h (a smooth function's differ by h·J″, which doubles with h)."""
-    _, _, h, rise, fall, jump2, *_ = piece
-    jump = xp.reshape((rise - fall) / h, (-1,))
-    jump_at_2h = xp.reshape(jump2 / (2 * h), (-1,))
+    h = stencil.h
+    jump = xp.reshape((stencil.rise - stencil.fall) / h, (-1,))
+    jump_at_2h = xp.reshape((stencil.rise2 - stencil.fall2) / (2 * h), (-1,))
     significant = xp.abs(jump) > KINK_SIGNIFICANCE * xp.reshape(delta / h, (-1,))
     return significant & (xp.abs(jump_at_2h - jump) < KINK_RATIO * xp.abs(jump))
