@@ -203,7 +203,7 @@ class Report:
             lines.append(
                 f"{INCONCLUSIVE_SENTENCE} difference = {self.difference!r}; the finite differences "
                 f"are too noisy at this precision to tell for {', '.join(vague)} (a correct gradient "
-                "would show the 'expected' column). Try float64, order=4, or a larger epsilon."
+                "would show the 'expected' column). Try float64 or a larger epsilon."
             )
         for p in self.parameters.values():
             if p.kinks:

@@ -274,3 +274,15 @@ def test_report_order_is_the_order(backend, order):
     X, Y, params = _seed(backend)
     report = gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, order=order)
     assert report.order == order and f"order={order}," in str(report)
+
+
+def test_inconclusive_no_longer_recommends_order_4(backend):
+    xp = backend.xp
+    theta = _on(backend, [1.0, -2.0, 0.5])
+
+    def noisy(t):  # J = Σθ² + 1e10: the constant swamps J's last digits
+        return xp.sum(t * t, axis=-1) + 1e10
+
+    report = gc.check(noisy, theta, 2 * theta)
+    assert report.verdict == "inconclusive"
+    assert "Try float64 or a larger epsilon." in str(report) and "order=4" not in str(report).split("\n", 1)[1]
