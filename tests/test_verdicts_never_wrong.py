@@ -285,4 +285,18 @@ def test_inconclusive_no_longer_recommends_order_4(backend):
 
     report = gc.check(noisy, theta, 2 * theta)
     assert report.verdict == "inconclusive"
-    assert "Try float64 or a larger epsilon." in str(report) and "order=4" not in str(report).split("\n", 1)[1]
+    assert (
+        "Try float64 or a larger epsilon." in str(report) and "order=4" not in str(report).split("\n", 1)[1]
+    )
+
+
+def test_fast_screen_error_strip_is_titled_by_directions(backend):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    X, Y, params = _seed(backend)
+    report = gc.check(
+        mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, mode="directions", directions=6
+    )
+    ax = report.plot_errors("b1")
+    assert ax.get_title().startswith("b1: 6 random directions") and "(5, 1)" not in ax.get_title()
+    assert ax.get_xlabel().startswith("direction k")
