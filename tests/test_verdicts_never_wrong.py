@@ -300,3 +300,6 @@ def test_fast_screen_error_strip_is_titled_by_directions(backend):
     ax = report.plot_errors("b1")
     assert ax.get_title().startswith("b1: 6 random directions") and "(5, 1)" not in ax.get_title()
     assert ax.get_xlabel().startswith("direction k")
+    import matplotlib.pyplot as plt
+
+    plt.close(ax.figure)
