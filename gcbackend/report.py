@@ -80,7 +80,8 @@ class Report:
 
     ``difference`` is formula (2), ‖grad − gradapprox‖₂ / (‖grad‖₂ + ‖gradapprox‖₂), over all
     checked values. ``verdict`` is ``"pass"``, ``"fail"`` or ``"inconclusive"``: with a fixed
-    epsilon and threshold (the notebook's way) it is ``difference <= threshold``; otherwise a
+    epsilon and threshold (the notebook's way) it is ``difference <= threshold`` and no
+    parameter's own difference beyond 10 × threshold (see README-verdicts); otherwise a
     parameter failing fails the check, and one whose noise floor is too high to tell makes it
     inconclusive. ``expected`` is the difference a correct gradient would show (``None`` in
     the notebook's way). ``parameters`` maps each name to its ``ParameterResult``, in the
