@@ -56,6 +56,8 @@ def auto_steps(parts: Mapping[str, Any], *, order: int, xp: ModuleType) -> dict[
     """Per-element steps h = (1000·eps)^(1/3)·max(1, |θ|) (power 1/5 for order 4), θ + h exact.
 
     The power balances truncation (∝ h^order) against rounding (∝ δ/h); see STEP_ROUNDING.
+    check() judges order=4 at order 2's step: its error bar is measured from D(h) − D(2h),
+    which at the larger order-4 step made it 100–1000× less sensitive than order 2.
     Rounding h to (θ + h) − θ makes θ + h exactly representable, so the step the cost sees
     is the step the quotient divides by.
     """
