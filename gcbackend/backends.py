@@ -203,6 +203,17 @@ def to_host(x: Any) -> Any:
     return np.asarray(x)
 
 
+def take(x: Any, indices: Any, xp: ModuleType, *, axis: int | None = None) -> Any:
+    """``xp.take(x, indices)``, the index computed first where it is a Dask array.
+
+    Dask (2026.8) gives ``take(x, i)`` with a one-element Dask index holding 0 the shape of
+    ``x`` instead of (1,); the values compute right, but a reshape of the result fails.
+    With a NumPy index the shape is known."""
+    if array_api_compat.is_dask_array(indices):
+        indices = to_host(indices)
+    return xp.take(x, indices) if axis is None else xp.take(x, indices, axis=axis)
+
+
 def to_backend(x: Any, backend: Backend, *, dtype: Any = None) -> Any:
     """A fresh copy of ``x`` as an array of ``backend`` on its device (never a view of ``x``)."""
     xp = backend.xp

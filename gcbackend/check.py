@@ -6,12 +6,12 @@ import math
 import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_compat
 
 from . import differences, engine, inputs, judge
-from .backends import host_random, to_backend
+from .backends import host_random, take, to_backend
 from .report import Report
 
 MODES = inputs.MODES
@@ -72,12 +72,14 @@ def check(
         (J at ±h and ±2h, and J(θ) once: 4N + 1 evaluations). Numbers: the notebook's way,
         ``**gc.NOTEBOOK`` (epsilon=1e-7, threshold=2e-7), 2N evaluations, no error bars.
     order
-        2 (default) or 4: the 4-point stencil (±h, ±2h) of the same evaluations.
+        2 (default) or 4: the 4-point stencil (±h, ±2h) of the same evaluations, at order
+        2's step with an error bar no wider than order 2's (as sensitive, more accurate).
     mode
         ``"stacked"`` (one cost call per chunk of perturbation rows), ``"loop"`` (one call
         per row: the notebook's algorithm) or ``"directions"``: the fast screen, ``directions``
-        seeded unit Gaussian directions per tensor, 4·k·(number of tensors) + 1 evaluations
-        whatever N is.
+        seeded unit Gaussian directions u per tensor, 4·k·(number of tensors) + 1 evaluations
+        whatever N is; its values are directional derivatives uᵀ∇J against uᵀg, reported
+        as ``direction k``.
     sample, seed
         ``sample=k`` checks k seeded coordinates per tensor (every tensor covered); ``seed``
         seeds sampling and directions (never the user's RNG).
@@ -111,6 +113,8 @@ def check(
     Report
         ``difference`` (formula (2) over all checked values), ``verdict`` ("pass", "fail",
         "inconclusive"), ``passed``, ``expected``, per-parameter results with top-k elements.
+        Each gradient is judged element by element to the precision of its own dtype (see
+        ``gcbackend.judge``): kinks against their one-sided slopes, exact zeros as agreement.
 
     Raises
     ------
@@ -167,24 +171,42 @@ def check(
         if notebook:
             # The notebook's way: J(θ ± ε), 2N evaluations, no error bars, its numbers exactly.
             numeric = engine.central_differences(cost, parts, moved_args, epsilon=epsilon, **evaluation)
-            estimate, checked, evaluations, positions = None, analytic, 2 * layout.size, None
+            estimate, targets, allowance = None, analytic, None
+            coverage, evaluations = judge.Coverage("elements"), 2 * layout.size
         else:
-            estimate, checked, evaluations, positions = _estimate(
-                cost,
+            plan = _plan(
                 parts,
-                moved_args,
                 analytic,
+                chosen,
                 epsilon=epsilon,
-                order=order,
                 mode=mode,
                 directions=directions,
                 sample=sample,
                 seed=seed,
                 notes=notes,
-                chosen=chosen,
-                evaluation=evaluation,
             )
-            numeric = estimate.numeric
+            # A step the user chose is the step used; an automatic one moves closer where a
+            # kink is crossed. order=4 takes order 2's step: its error bar (Richardson's
+            # |D(h) − D(2h)|/3 measures order 2's truncation, not order 4's) is then no wider
+            # than order 2's, and a larger step made order 4 100–1000× less sensitive.
+            estimate = differences.estimate(
+                cost,
+                parts,
+                moved_args,
+                steps=_steps(parts, epsilon, chosen),
+                order=order,
+                refine=differences.REFINE_ROUNDS if epsilon == "auto" else 0,
+                elements=plan.elements,
+                directions=plan.directions,
+                **evaluation,
+            )
+            numeric, targets, allowance, coverage = (
+                estimate.numeric,
+                plan.targets,
+                plan.allowance,
+                plan.coverage,
+            )
+            evaluations = 4 * plan.rows + 1
             if estimate.refined:
                 evaluations += 4 * estimate.refined
                 notes.append(
@@ -202,7 +224,7 @@ def check(
     }
     return judge.judge(
         parts,
-        checked,
+        targets,
         numeric,
         estimate,
         xp=xp,
@@ -214,7 +236,9 @@ def check(
         top_k=int(top_k),
         notes=tuple(notes),
         evaluations=evaluations,
-        positions=positions,
+        coverage=coverage,
+        allowance=allowance,
+        grad_dtypes={name: g.dtype for name, g in analytic.items()},
     )
 
 
@@ -248,59 +272,63 @@ class _NoBar:
         pass
 
 
-def _estimate(
-    cost, parts, args, analytic, *, epsilon, order, mode, directions, sample, seed, notes, chosen, evaluation
-):
-    """Derivatives with error bars (differences.estimate) for every, sampled or directional check.
-
-    Returns the estimate, the analytic values they compare with, the evaluation count, and
-    where the compared values sit: ``"directions"``, name → sampled flat indices, or None.
-    """
-    xp = chosen.xp
-    # A step the user chose is the step used; an automatic one moves closer where a kink is crossed.
-    refine = differences.REFINE_ROUNDS if epsilon == "auto" else 0
+def _steps(parts, epsilon, chosen):
+    """Per-element steps: automatic (order 2's, see check) or the user's epsilon everywhere."""
     if epsilon == "auto":
-        steps = differences.auto_steps(parts, order=order, xp=xp)
-    else:
-        steps = {
-            name: xp.full(tuple(p.shape), epsilon, dtype=p.dtype, device=chosen.device)
-            for name, p in parts.items()
-        }
+        return differences.auto_steps(parts, order=2, xp=chosen.xp)
+    return {
+        name: chosen.xp.full(tuple(p.shape), epsilon, dtype=p.dtype, device=chosen.device)
+        for name, p in parts.items()
+    }
+
+
+class _Plan(NamedTuple):
+    """What the estimate evaluates and what its values are compared with."""
+
+    coverage: judge.Coverage
+    targets: dict[str, Any]  # the backprop's values at the compared places
+    allowance: dict[str, Any]  # how far the backprop's own rounding may move each of them
+    rows: int  # perturbed rows per ±h (the estimate evaluates 4 per row, and J(θ) once)
+    elements: dict[str, Any] | None = None  # sampled flat indices per name
+    directions: dict[str, Any] | None = None  # name → (k, n) seeded unit directions
+
+
+def _plan(parts, analytic, chosen, *, epsilon, mode, directions, sample, seed, notes) -> _Plan:
+    """Every element, a seeded sample per tensor, or seeded unit directions per tensor."""
+    xp = chosen.xp
+    rounding = {name: judge.backprop_rounding(g, xp) for name, g in analytic.items()}
     rng = host_random(seed)
     if mode == "directions":
-        rows, checked = {}, {}
+        units, targets, allowance = {}, {}, {}
         for name, part in parts.items():
             size = math.prod(part.shape)
             u = to_backend(rng.standard_normal((directions, size)), chosen, dtype=part.dtype)
             # Unit directions: θ moves by h, as in a coordinate step, whatever the size. A
             # raw Gaussian moves it by h·√n, and a million-element W1 then crosses dozens
             # of ReLU kinks per direction (a false alarm on a correct 1000-1000-1 net).
-            u = u / xp.linalg.vector_norm(u, axis=1, keepdims=True)
-            h = xp.max(xp.reshape(steps[name], (-1,)))
-            rows[name] = u * h
-            checked[name] = xp.reshape(
-                rows[name] @ xp.reshape(xp.astype(analytic[name], part.dtype), (-1,)), (-1,)
-            )
+            units[name] = u / xp.linalg.vector_norm(u, axis=1, keepdims=True)
+            grad = xp.reshape(xp.astype(analytic[name], part.dtype), (-1,))
+            targets[name] = xp.reshape(units[name] @ grad, (-1,))
+            # |uᵀe| ≤ ‖u‖·‖e‖ = ‖e‖ for the backprop's rounding e.
+            bound = judge.norm(rounding[name], xp)
+            allowance[name] = xp.full((directions,), 1.0, dtype=bound.dtype, device=chosen.device) * bound
         notes.append(
-            f"fast screen: {directions} seeded unit Gaussian directions per tensor (seed={seed}); each value is a "
-            "directional derivative, index (k,) is the k-th direction"
+            f"fast screen: {directions} seeded unit Gaussian directions u per tensor (seed={seed}); each "
+            "value is the directional derivative uᵀ∇J, and 'direction k' is the k-th of them"
         )
-        estimate = differences.estimate(
-            cost, parts, args, steps=steps, order=order, directions=rows, refine=refine, **evaluation
+        return _Plan(
+            judge.Coverage("directions"), targets, allowance, directions * len(parts), directions=units
         )
-        return estimate, checked, 4 * directions * len(parts) + 1, "directions"
     if sample is not None:
-        elements, checked, positions = {}, {}, {}
+        elements, targets, allowance, sampled = {}, {}, {}, {}
         for name, part in parts.items():
             size = math.prod(part.shape)
-            chosen_idx = sorted(rng.choice(size, size=min(int(sample), size), replace=False).tolist())
-            positions[name] = chosen_idx
-            elements[name] = xp.asarray(chosen_idx, dtype=xp.int64, device=chosen.device)
-            checked[name] = xp.take(xp.reshape(analytic[name], (-1,)), elements[name])
+            sampled[name] = sorted(rng.choice(size, size=min(int(sample), size), replace=False).tolist())
+            elements[name] = xp.asarray(sampled[name], dtype=xp.int64, device=chosen.device)
+            targets[name] = take(xp.reshape(analytic[name], (-1,)), elements[name], xp)
+            allowance[name] = take(xp.reshape(rounding[name], (-1,)), elements[name], xp)
         notes.append(f"sampled check: {sample} element(s) per tensor (seed={seed})")
-        estimate = differences.estimate(
-            cost, parts, args, steps=steps, order=order, elements=elements, refine=refine, **evaluation
-        )
-        return estimate, checked, 4 * sum(len(v) for v in positions.values()) + 1, positions
-    estimate = differences.estimate(cost, parts, args, steps=steps, order=order, refine=refine, **evaluation)
-    return estimate, analytic, 4 * sum(math.prod(p.shape) for p in parts.values()) + 1, None
+        rows = sum(len(v) for v in sampled.values())
+        return _Plan(judge.Coverage("sample", sampled), targets, allowance, rows, elements=elements)
+    rows = sum(math.prod(p.shape) for p in parts.values())
+    return _Plan(judge.Coverage("elements"), dict(analytic), rounding, rows)

@@ -22,10 +22,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
+
+import array_api_compat
 
 from . import engine
-from .backends import to_host
+from .backends import take, to_host
 from .params import Layout
 
 __all__ = ["REFINE_FACTOR", "REFINE_ROUNDS", "STEP_ROUNDING", "Estimate", "auto_steps", "estimate"]
@@ -54,6 +56,8 @@ def auto_steps(parts: Mapping[str, Any], *, order: int, xp: ModuleType) -> dict[
     """Per-element steps h = (1000·eps)^(1/3)·max(1, |θ|) (power 1/5 for order 4), θ + h exact.
 
     The power balances truncation (∝ h^order) against rounding (∝ δ/h); see STEP_ROUNDING.
+    check() judges order=4 at order 2's step: its error bar is measured from D(h) − D(2h),
+    which at the larger order-4 step made it 100–1000× less sensitive than order 2.
     Rounding h to (θ + h) − θ makes θ + h exactly representable, so the step the cost sees
     is the step the quotient divides by.
     """
@@ -108,8 +112,10 @@ def estimate(
     """Derivatives with error bars from the stencil ±h, ±2h (and J(θ) once) in one pass.
 
     ``steps`` maps names to h (the tensor's shape). With ``elements`` (flat indices per
-    name) only those elements are evaluated; with ``directions`` (name → (k, n) rows, the
-    step included) the derivatives are along those rows, and kinks are not judged.
+    name) only those elements are evaluated; with ``directions`` (name → (k, n) unit rows)
+    the derivatives are along those rows, with one step per tensor, the largest of
+    ``steps[name]``. A kink along a direction is flagged like an element's: for a correct
+    subgradient g, uᵀg lies between the one-sided directional derivatives.
     ``runner`` evaluates the stacked calls elsewhere (``engine.stencil_costs``); J(θ) stays here.
 
     Up to ``refine`` rounds re-evaluate, with steps REFINE_FACTOR times smaller, the elements
@@ -117,6 +123,11 @@ def estimate(
     the smaller error bar. A refinement round is passed J(θ) as ``center`` and δ as
     ``rounding``: both are the first round's, measured over every element.
     """
+    hops = None
+    if directions is not None:
+        # One step per tensor along unit directions: the values are true directional
+        # derivatives uᵀ∇J, and a refinement round only shrinks the step.
+        hops = {name: xp.max(xp.reshape(steps[name], (-1,))) for name in directions}
     grid = engine.stencil_costs(
         cost,
         parts,
@@ -129,58 +140,71 @@ def estimate(
         memory_budget=memory_budget,
         progress=progress,
         elements=elements,
-        directions=directions,
+        directions=None if directions is None else {name: u * hops[name] for name, u in directions.items()},
         runner=runner,
     )
     if center is None:
         center = engine.evaluate_center(cost, layout.wrap(dict(parts)), args, xp=xp)
-    numeric, error, kink, low, high, fourth, pieces = {}, {}, {}, {}, {}, {}, {}
+    numeric, error, kink, low, high, fourth, stencils = {}, {}, {}, {}, {}, {}, {}
     for name, costs in grid.items():
         if directions is not None:
-            h = xp.ones((costs.shape[1],), dtype=costs.dtype, device=costs.device)
+            h = xp.astype(hops[name], costs.dtype)
         elif elements is not None:
-            h = xp.astype(xp.take(xp.reshape(steps[name], (-1,)), elements[name]), costs.dtype)
+            h = xp.astype(take(xp.reshape(steps[name], (-1,)), elements[name], xp), costs.dtype)
         else:
             h = xp.astype(steps[name], costs.dtype)
         plus, minus, plus2, minus2 = costs[0, ...], costs[1, ...], costs[2, ...], costs[3, ...]
-        one = (plus - minus) / (2 * h)
-        two = (plus2 - minus2) / (4 * h)
+        # Differences from J(θ) first: no sum of costs can overflow where J itself is finite.
+        rise, fall = plus - center, center - minus
+        rise2, fall2 = plus2 - center, center - minus2
+        one = (rise + fall) / (2 * h)
+        two = (rise2 + fall2) / (4 * h)
         numeric[name] = one if order == 2 else (4.0 * one - two) / 3.0
-        fourth[name] = 6.0 * center - 4.0 * (plus + minus) + (plus2 + minus2)
-        pieces[name] = (one, two, h, plus - center, center - minus, (plus2 - center) - (center - minus2))
-    delta = _rounding(center, fourth, pieces, xp) if rounding is None else rounding
-    for name, (one, two, h, rise, fall, _) in pieces.items():
+        fourth[name] = (rise2 - fall2) - 4.0 * (rise - fall)
+        # An element J does not depend on (a dead ReLU unit, a dropped-out one) leaves J
+        # bit for bit unchanged: it says nothing about J's rounding, and is left out of δ.
+        still = (rise == 0) & (fall == 0) & (rise2 == 0) & (fall2 == 0)
+        stencils[name] = _Stencil(one, two, h, rise, fall, rise2, fall2, still)
+    delta = _rounding(center, fourth, stencils, xp) if rounding is None else rounding
+    for name, (one, two, h, rise, fall, rise2, fall2, _) in stencils.items():
         # |D(h) − D(2h)| / 3 is D(h)'s truncation (Richardson); δ/h bounds its rounding.
-        error[name] = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * delta / h
-        is_kink = xp.reshape(_kinks(pieces[name], delta, xp), tuple(rise.shape))
-        kink[name] = is_kink if directions is None else xp.zeros_like(is_kink)
+        central = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * delta / h
+        is_kink = xp.reshape(_kinks(stencils[name], delta, xp), tuple(rise.shape))
+        kink[name] = is_kink
         right, left = rise / h, fall / h
         low[name], high[name] = xp.minimum(left, right), xp.maximum(left, right)
+        # At a kink the one-sided slopes are what is compared: each is off by its own
+        # truncation, h·J″/2 ≈ its change from h to 2h, and by 2δ/h of rounding.
+        one_sided = (
+            xp.maximum(xp.abs(right - rise2 / (2 * h)), xp.abs(left - fall2 / (2 * h))) + 2.0 * delta / h
+        )
+        error[name] = xp.where(kink[name], one_sided, central)
     first = Estimate(numeric, error, kink, low, high, float(to_host(delta)))
     if refine <= 0:
         return first
     # A fourth difference far above rounding (a smooth J's is h⁴J⁗, nothing) where the
     # slopes do not jump at θ itself: a kink crossed within ±2h. Ask again, closer in.
     gross = KINK_SIGNIFICANCE * 70.0**0.5 * delta
-    suspects = {name: xp.reshape((xp.abs(fourth[name]) > gross) & ~kink[name], (-1,)) for name in pieces}
+    suspects = {name: xp.reshape((xp.abs(fourth[name]) > gross) & ~kink[name], (-1,)) for name in stencils}
     counts = to_host(xp.stack([xp.sum(xp.astype(m, xp.int64)) for m in suspects.values()])).tolist()
     if not any(counts):
         return first
-    where = {name: xp.nonzero(m)[0] for name, m in suspects.items()}
+    # Only the flagged elements are evaluated again (a host-side index list: the mask is
+    # already on the host's mind, and a lazy backend such as Dask cannot size a nonzero).
+    flags = {name: to_host(m).reshape(-1).tolist() for name, m in suspects.items()}
+    where = {
+        name: xp.asarray(
+            [i for i, f in enumerate(flag) if f], dtype=xp.int64, device=array_api_compat.device(m)
+        )
+        for (name, flag), m in zip(flags.items(), suspects.values())
+    }
+    narrower = dict(steps={name: (p + steps[name] / REFINE_FACTOR) - p for name, p in parts.items()})
     if directions is None:
-        narrower = dict(
-            steps={name: (p + steps[name] / REFINE_FACTOR) - p for name, p in parts.items()},
-            elements={
-                name: at if elements is None else xp.take(elements[name], at) for name, at in where.items()
-            },
-        )
-    else:  # along u/F the derivative is 1/F of the one along u: scaled back below
-        narrower = dict(
-            steps=steps,
-            directions={
-                name: xp.take(directions[name], at, axis=0) / REFINE_FACTOR for name, at in where.items()
-            },
-        )
+        narrower["elements"] = {
+            name: at if elements is None else take(elements[name], at, xp) for name, at in where.items()
+        }
+    else:
+        narrower["directions"] = {name: take(directions[name], at, xp, axis=0) for name, at in where.items()}
     closer = estimate(
         cost,
         parts,
@@ -197,16 +221,6 @@ def estimate(
         rounding=delta,
         **narrower,
     )
-    if directions is not None:
-        closer = Estimate(
-            **{
-                field: {name: v * REFINE_FACTOR for name, v in getattr(closer, field).items()}
-                for field in ("numeric", "error", "low", "high")
-            },
-            kink=closer.kink,
-            rounding=closer.rounding,
-            refined=closer.refined,
-        )
     merged = {field: {} for field in ("numeric", "error", "kink", "low", "high")}
     for (name, mask), count in zip(suspects.items(), counts):
         shape = tuple(first.numeric[name].shape)
@@ -226,41 +240,73 @@ def estimate(
     return Estimate(**merged, rounding=first.rounding, refined=sum(counts) + closer.refined)
 
 
-def _rounding(center: Any, fourth: dict[str, Any], pieces: dict[str, tuple[Any, ...]], xp: ModuleType) -> Any:
+class _Stencil(NamedTuple):
+    """One tensor's stencil: D(h), D(2h), h, and J at ±h, ±2h relative to J(θ)."""
+
+    one: Any
+    two: Any
+    h: Any
+    rise: Any  # J(θ + h) − J(θ)
+    fall: Any  # J(θ) − J(θ − h)
+    rise2: Any  # J(θ + 2h) − J(θ)
+    fall2: Any  # J(θ) − J(θ − 2h)
+    still: Any  # J bit for bit unchanged at all four points: J does not depend on it
+
+
+def _rounding(center: Any, fourth: dict[str, Any], stencils: dict[str, _Stencil], xp: ModuleType) -> Any:
     """δ, the rounding error of one evaluation of J, measured (a 0-d array).
 
     The fourth difference 6J₀ − 4(J₊ + J₋) + (J₊₂ + J₋₂) is h⁴J⁗ (negligible) plus rounding
     of standard deviation √70·δ. Elements near a kink have a jump there instead, so: a
-    robust first guess from the median (0.6745σ for normal noise), kinks flagged with it,
-    then the RMS over the other elements (rounding is heavy-tailed: the median alone
-    underestimates it up to 6× on the seed case), leaving out gross outliers too: a kink
-    crossed between θ and θ ± 2h makes the fourth difference ~1e8·δ (the M model of
-    bench/run.py: 66 of 2,625 elements), and one of them would inflate δ a million-fold.
+    robust first guess from the median over the elements whose one-sided slopes do not
+    jump alike at h and 2h (a kink's do, whatever δ: with half of a tensor's elements on
+    ReLU kinks the median was a kink's jump and δ, so every error bar, grew a million-fold),
+    kinks flagged with it, then the RMS over the other elements (rounding is heavy-tailed:
+    the median alone underestimates it up to 6× on the seed case), leaving out gross
+    outliers too: a kink crossed between θ and θ ± 2h makes the fourth difference ~1e8·δ
+    (the M model of bench/run.py: 66 of 2,625 elements), and one of them would inflate δ a
+    million-fold. Elements J does not depend on (J bit for bit unchanged) are left out:
+    their fourth difference is exactly 0 and would dilute δ (a dropout mask that drops a
+    unit on every example made a correct W1 fail). Sums are of scaled values (no overflow
+    or underflow at any scale of J).
     """
     flat4 = {name: xp.reshape(v, (-1,)) for name, v in fourth.items()}
-    pooled = xp.sort(xp.abs(xp.concat(list(flat4.values()))))
-    middle = pooled.shape[0] // 2
-    median = pooled[middle] if pooled.shape[0] % 2 else (pooled[middle - 1] + pooled[middle]) / 2
-    eps = float(xp.finfo(pooled.dtype).eps)
+    eps = float(xp.finfo(center.dtype).eps)
     floor = eps * xp.abs(center)
-    guess = xp.maximum(median / (0.6745 * 70.0**0.5), floor)
+    live = {name: ~xp.reshape(stencil.still, (-1,)) for name, stencil in stencils.items()}
+    alike = {name: _kinks(stencil, xp.zeros_like(floor), xp) for name, stencil in stencils.items()}
+    informative = xp.concat([live[name] & ~alike[name] for name in stencils])
+    pooled_all = xp.abs(xp.concat(list(flat4.values())))
+    # The median of the informative elements: the others sort to the end, as +Inf.
+    pooled = xp.sort(xp.where(informative, pooled_all, xp.full_like(pooled_all, xp.inf)))
+    count = int(to_host(xp.sum(xp.astype(informative, xp.int64))))
+    if count == 0:
+        guess = floor
+    else:
+        middle = count // 2
+        median = pooled[middle] if count % 2 else (pooled[middle - 1] + pooled[middle]) / 2
+        guess = xp.maximum(median / (0.6745 * 70.0**0.5), floor)
     # A kink crossed within ±2h (not at θ, so not flagged) leaves a jump of 1e8δ, not 10δ.
     gross = KINK_SIGNIFICANCE * 70.0**0.5 * guess
-    smooth = {name: ~_kinks(pieces[name], guess, xp) & (xp.abs(flat4[name]) <= gross) for name in pieces}
-    squares = xp.concat(
-        [xp.where(smooth[name], flat4[name] * flat4[name], xp.zeros_like(flat4[name])) for name in pieces]
+    smooth = xp.concat(
+        [
+            live[name] & ~_kinks(stencils[name], guess, xp) & (xp.abs(flat4[name]) <= gross)
+            for name in stencils
+        ]
     )
-    counted = xp.concat([xp.astype(smooth[name], squares.dtype) for name in pieces])
-    return xp.maximum(
-        xp.sqrt(xp.sum(squares) / xp.maximum(xp.sum(counted), xp.ones_like(floor)) / 70.0), guess
-    )
+    kept = xp.where(smooth, pooled_all, xp.zeros_like(pooled_all))
+    scale = xp.max(kept)
+    scale = xp.where(scale > 0, scale, xp.ones_like(scale))
+    counted = xp.maximum(xp.sum(xp.astype(smooth, kept.dtype)), xp.ones_like(scale))
+    rms = scale * xp.linalg.vector_norm(kept / scale) / xp.sqrt(counted * 70.0)
+    return xp.maximum(rms, guess)
 
 
-def _kinks(piece: tuple[Any, ...], delta: Any, xp: ModuleType) -> Any:
+def _kinks(stencil: _Stencil, delta: Any, xp: ModuleType) -> Any:
     """Flat mask of elements whose one-sided slopes differ by a jump that does not shrink
     with h (a smooth function's differ by h·J″, which doubles with h)."""
-    _, _, h, rise, fall, jump2 = piece
-    jump = xp.reshape((rise - fall) / h, (-1,))
-    jump_at_2h = xp.reshape(jump2 / (2 * h), (-1,))
+    h = stencil.h
+    jump = xp.reshape((stencil.rise - stencil.fall) / h, (-1,))
+    jump_at_2h = xp.reshape((stencil.rise2 - stencil.fall2) / (2 * h), (-1,))
     significant = xp.abs(jump) > KINK_SIGNIFICANCE * xp.reshape(delta / h, (-1,))
     return significant & (xp.abs(jump_at_2h - jump) < KINK_RATIO * xp.abs(jump))

@@ -195,14 +195,16 @@ def _require_valid(parts: dict[str, Any], analytic: dict[str, Any], epsilon: flo
     for dtype in {p.dtype for p in parts.values()}:
         names = [name for name, p in parts.items() if p.dtype == dtype]
         theta = xp.concat([xp.reshape(parts[name], (-1,)) for name in names])
-        grad = xp.concat([xp.reshape(analytic[name], (-1,)) for name in names])
-        flags.append(xp.all(xp.isfinite(theta)) & xp.all(xp.isfinite(grad)))
+        flags.append(xp.all(xp.isfinite(theta)))
         if epsilon != "auto" and float(epsilon) < float(xp.finfo(dtype).max):
             plus, minus = theta + epsilon, theta - epsilon
             moved = (plus != theta) & (minus != theta) & xp.isfinite(plus) & xp.isfinite(minus)
             flags.append(xp.all(moved))
         elif epsilon != "auto":
             flags.append(xp.asarray(False, device=array_api_compat.device(theta)))
+    for dtype in {g.dtype for g in analytic.values()}:
+        grad = xp.concat([xp.reshape(g, (-1,)) for g in analytic.values() if g.dtype == dtype])
+        flags.append(xp.all(xp.isfinite(grad)))
     if bool(xp.all(xp.stack(flags))):  # one device sync on the common path
         return
     for name in parts:
@@ -233,7 +235,7 @@ class Prepared(NamedTuple):
     parts: dict[str, Any]
     """name → θ of that parameter, in the dtype of evaluation (float64 after upcasting)."""
     analytic: dict[str, Any]
-    """name → the backprop's gradient, in its own dtype (what it is judged to)."""
+    """name → the backprop's gradient, in its own dtype (the precision it is judged to)."""
     args: tuple[Any, ...]
     layout: Layout
     epsilon: float | str
@@ -327,23 +329,26 @@ def prepare(
             )
     analytic = {}
     for name, value in picked.items():
-        grad = _to_float_array(value, chosen, f"grads[{name!r}]", dtype=parts[name].dtype)
+        # In its own dtype: a gradient is judged to the precision it was computed in.
+        grad = _to_float_array(value, chosen, f"grads[{name!r}]")
         if tuple(grad.shape) != tuple(parts[name].shape):
             raise InputError(
                 f"grads[{name!r}] has shape {tuple(grad.shape)} but params[{name!r}] has shape "
                 f"{tuple(parts[name].shape)}; they must match exactly"
             )
         analytic[name] = grad
+    moved_args = tuple(to_backend(a, chosen) if is_array(a) else a for a in args)
+    notes: list[str] = []
+    # Validation and the memory budget in the dtype the cost will be evaluated in: an epsilon
+    # too small for float32 is fine once θ is float64, and float64 copies take twice the bytes.
+    parts, moved_args = _upcast(parts, moved_args, xp, notes) if upcast else (parts, moved_args)
     _require_valid(parts, analytic, epsilon, xp)
     if mode != "loop":
         _require_budget(parts, budget, xp)
-    moved_args = tuple(to_backend(a, chosen) if is_array(a) else a for a in args)
 
     layout = Layout(
         tuple(parts), tuple(tuple(p.shape) for p in parts.values()), single=single, treedef=tree.treedef
     )
-    notes: list[str] = []
-    parts, moved_args = _upcast(parts, moved_args, xp, notes) if upcast else (parts, moved_args)
     return Prepared(chosen, parts, analytic, moved_args, layout, epsilon, threshold, budget, notes)
 
 

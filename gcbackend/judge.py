@@ -1,9 +1,16 @@
 """Judge a check: formula (2), error bars, kinks and verdicts → ``Report``.
 
-The last of check()'s three steps (prepare → evaluate → judge). It receives the analytic
-gradients and the finite differences (with their error bars, where measured) on the
-backend, does every elementwise comparison there, and brings what the report prints to
-the host in one transfer.
+The last of check()'s three steps (prepare → evaluate → judge). It receives the values the
+backprop claims (``targets``), the finite differences (with their error bars, where
+measured) and how far the backprop's own rounding may move each value (``allowance``), all
+on the backend; it does every elementwise comparison there, parameter by parameter, and
+brings what the report prints to the host in one transfer.
+
+Every element is judged on its own (see ``_elements``): a kink or an exact zero never
+widens another element's error bar, and the per-tensor expected difference is computed
+over the smooth elements only. Norms are of vectors scaled by a power of two near their
+largest magnitude (exact, so the notebook's numbers stay bit for bit, and free of
+overflow and underflow at any scale of J). A NaN in a judgement is never a pass.
 """
 
 from __future__ import annotations
@@ -11,21 +18,21 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
-import array_api_compat
-
-from .backends import to_host
+from .backends import take, to_host
 from .inputs import _dtype_name, _indices, _unravel
 from .report import ElementError, ParameterResult, Report
 
-__all__ = ["ANALYTIC_ULPS", "INCONCLUSIVE", "SAFETY", "judge"]
-
-
-def _cast(x: Any, dtype: Any, xp) -> Any:
-    """``x`` in ``dtype``: itself when it already is (``astype`` copies by default)."""
-    return x if x.dtype == dtype else xp.astype(x, dtype)
-
+__all__ = [
+    "ANALYTIC_ULPS",
+    "INCONCLUSIVE",
+    "SAFETY",
+    "Coverage",
+    "backprop_rounding",
+    "judge",
+    "norm",
+]
 
 SAFETY = 10.0
 """A difference (or element error) up to this many times the expected one is noise."""
@@ -33,207 +40,393 @@ ANALYTIC_ULPS = 32.0
 """Rounding a backprop accumulates in the gradient itself, in ulps of its dtype, relative to
 |g_j| + rms(g): a float32 backward pass is judged to float32's precision, not float64's."""
 INCONCLUSIVE = 1e-3
-"""With threshold='auto', a parameter whose expected difference exceeds this cannot be
-told apart from a gradient that is off by 0.1 %: inconclusive rather than pass."""
+"""With threshold='auto', a parameter whose finite differences' error bars exceed this
+(relative, formula (2)'s way) cannot be told apart from a gradient off by 0.1 %:
+inconclusive rather than pass. The backprop's own rounding is not counted here (it is
+what the gradient's dtype allows, not a limit of the measurement)."""
+
+# The per-tensor sums the host receives, in this order (see _tensor).
+_STATS = (
+    "gap",  # ‖a − n‖ over finite values (n at a kink: the nearest subgradient)
+    "analytic_norm",  # ‖a‖
+    "numeric_norm",  # ‖n‖
+    "smooth_gap",  # ‖a − n‖ over the smooth elements
+    "noise",  # ‖error bar‖ over the smooth elements
+    "allowance",  # ‖backprop rounding allowance‖ over the smooth elements
+    "outliers",  # elements off by more than SAFETY × their own error bar plus the allowance
+    "kink_outliers",  # the same, at a kink (the analytic value outside the one-sided slopes)
+    "nonfinite",  # finite differences that are NaN or Inf
+    "kinks",
+    "scale",  # the power of two every norm above is divided by
+)
 
 
-def _verdict(difference, expected, threshold, outliers, nonfinite, auto, floor):
-    if nonfinite:
+class Coverage(NamedTuple):
+    """Which values of each parameter were compared.
+
+    ``kind``: ``"elements"`` (every element), ``"sample"`` (``sampled[name]``: the flat
+    indices compared, ascending) or ``"directions"`` (value k: the derivative along the
+    k-th seeded unit direction).
+    """
+
+    kind: str = "elements"
+    sampled: Mapping[str, list[int]] | None = None
+
+    def label(self, name: str, flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The index a compared value is reported under."""
+        if self.kind == "directions":
+            return (flat,)
+        return _unravel(self.sampled[name][flat] if self.kind == "sample" else flat, shape)
+
+
+def norm(x: Any, xp: Any) -> Any:
+    """‖x‖₂ of a whole array, scale-safe: of x divided by a power of two near max|x| (exact),
+    so no square overflows or underflows (NumPy's vector_norm squares raw values)."""
+    flat = xp.reshape(x, (-1,))
+    scale = _power_of_two(xp.max(xp.abs(flat)), xp)
+    return scale * xp.linalg.vector_norm(flat / scale)
+
+
+def backprop_rounding(grad: Any, xp: Any) -> Any:
+    """Per element, how far rounding may move a correct backprop: ANALYTIC_ULPS ulps of the
+    gradient's own dtype, relative to |g_j| + rms(g) (rms computed scale-safe), in float64
+    where the namespace has it."""
+    wide = _wide(grad, xp)
+    magnitude = xp.abs(wide)
+    scale = _power_of_two(xp.max(magnitude), xp)
+    rms = scale * xp.linalg.vector_norm(magnitude / scale) / math.sqrt(max(math.prod(grad.shape), 1))
+    return ANALYTIC_ULPS * float(xp.finfo(grad.dtype).eps) * (magnitude + rms)
+
+
+def _wide(x: Any, xp: Any) -> Any:
+    """``x`` in float64 where the namespace has it (JAX without x64 does not)."""
+    wide = xp.result_type(x.dtype, xp.float64) if _has_float64(xp) else x.dtype
+    return x if x.dtype == wide else xp.astype(x, wide)
+
+
+def _has_float64(xp: Any) -> bool:
+    return xp.asarray(1.0, dtype=xp.float64).dtype == xp.float64
+
+
+def _power_of_two(largest: Any, xp: Any) -> Any:
+    """2^⌊log₂ largest⌋ (1 for 0 or a non-finite value): dividing by it is exact."""
+    usable = xp.isfinite(largest) & (largest > 0)
+    safe = xp.where(usable, largest, xp.ones_like(largest))
+    return xp.where(usable, xp.pow(xp.full_like(safe, 2.0), xp.floor(xp.log2(safe))), xp.ones_like(safe))
+
+
+class _Elements(NamedTuple):
+    """One parameter's compared values, flat, judged element by element."""
+
+    analytic: Any
+    numeric: Any  # at a kink: the subgradient nearest the analytic value
+    stats: Any  # (len(_STATS),) in the order of _STATS
+    worst: Any  # flat indices of the top-k errors, worst first (ties by index)
+    nonfinite: Any  # mask
+    kinks: Any  # mask
+    tolerance: Any  # per element, the largest |a − n| still judged noise (SAFETY × error bar + allowance)
+
+
+def _elements(analytic, numeric, estimate_fields, allowance, top_k, xp) -> _Elements:
+    """Judge one parameter's values element by element, and sum what its verdict needs.
+
+    An element is *smooth* unless it sits at a kink or is exactly zero on both sides.
+    A smooth element is an outlier when |a − n| exceeds SAFETY × its error bar plus the
+    backprop's rounding allowance (not SAFETY × that: 320 ulps of float16 is 30 %, and a
+    float16 gradient off by 10 % must fail); a kink's when the analytic value lies further than that
+    outside the one-sided slopes (widened by their error bar). Exact agreement at zero
+    is a pass. Kinks and zeros are left out of the noise and allowance sums: they never
+    widen another element's error bar or the parameter's expected difference.
+    """
+    a = _wide(xp.reshape(analytic, (-1,)), xp)
+    n = xp.reshape(numeric, (-1,))
+    dtype = xp.result_type(a.dtype, n.dtype)
+    a, n = (x if x.dtype == dtype else xp.astype(x, dtype) for x in (a, n))
+    finite = xp.isfinite(n)
+    zero = xp.zeros_like(a)
+    if estimate_fields is None:  # the notebook's way: no error bars
+        kink, err, slack = xp.zeros_like(finite), zero, zero
+    else:
+        error, is_kink, low, high = (xp.reshape(v, (-1,)) for v in estimate_fields)
+        err = xp.where(finite, xp.astype(error, dtype), zero)
+        kink = is_kink & finite
+        low, high = xp.astype(low, dtype), xp.astype(high, dtype)
+        n = xp.where(kink, xp.minimum(xp.maximum(a, low - err), high + err), n)
+        slack = xp.astype(xp.reshape(allowance, (-1,)), dtype)
+    a_kept, n_kept = xp.where(finite, a, zero), xp.where(finite, n, zero)
+    gap = a_kept - n_kept
+    smooth = finite & ~kink & ~((a_kept == 0) & (n_kept == 0))
+    off = xp.abs(gap) > SAFETY * err + slack
+    outliers = finite & off if estimate_fields is not None else xp.zeros_like(finite)
+    at_kink = outliers & kink
+    scale = _power_of_two(xp.max(xp.maximum(xp.abs(a_kept), xp.abs(n_kept))), xp)
+
+    def norm(values: Any, mask: Any = None) -> Any:
+        kept = values if mask is None else xp.where(mask, values, zero)
+        return xp.linalg.vector_norm(kept / scale)
+
+    def count(mask: Any) -> Any:
+        return xp.astype(xp.sum(xp.astype(mask, xp.int64)), dtype)
+
+    stats = xp.stack(
+        [
+            norm(gap),
+            norm(a_kept),
+            norm(n_kept),
+            norm(gap, smooth),
+            norm(err, smooth),
+            norm(slack, smooth),
+            count(outliers & ~kink),
+            count(at_kink),
+            count(~finite),
+            count(kink),
+            scale,
+        ]
+    )
+    worst = xp.argsort(xp.abs(gap), descending=True, stable=True)[: min(top_k, a.shape[0])]
+    return _Elements(a, n, stats, worst, ~finite, kink, SAFETY * err + slack)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if math.isnan(numerator) or math.isnan(denominator):
+        return math.nan
+    return numerator / denominator if denominator > 0 else (0.0 if numerator == 0 else math.inf)
+
+
+def _limits(noise: float, allowance: float, floor: float) -> tuple[float, float]:
+    """(expected, threshold): the difference a correct gradient shows (error bars plus the
+    backprop's rounding allowance), and the most it may show, SAFETY × the error bars plus
+    the allowance (never SAFETY × the allowance: see _elements)."""
+    return noise + allowance, max(SAFETY * noise + allowance, floor)
+
+
+def _auto_verdict(stats: Mapping[str, float], size: float, threshold: float, directions: bool) -> str:
+    """A parameter's verdict from its own error bars (threshold='auto').
+
+    Along a random direction through kinks of both signs (a convex ReLU term and a concave
+    one), a correct gradient's uᵀg can lie outside the one-sided directional derivatives:
+    the fast screen cannot tell there, and says so (inconclusive) rather than fail."""
+    if stats["nonfinite"] or stats["outliers"] or (stats["kink_outliers"] and not directions):
         return "fail"
-    if auto:
-        if difference > max(SAFETY * expected, floor) or outliers:
-            return "fail"
-        return "inconclusive" if expected > INCONCLUSIVE else "pass"
-    if difference <= threshold:
-        return "pass"
-    return "inconclusive" if expected is not None and difference <= SAFETY * expected else "fail"
+    if stats["kink_outliers"]:
+        return "inconclusive"
+    smooth_difference = _ratio(stats["smooth_gap"], size)
+    noise = _ratio(stats["noise"], size)
+    if not all(math.isfinite(v) for v in (*stats.values(), size, threshold, smooth_difference, noise)):
+        return "inconclusive"  # never a pass: the numbers cannot tell
+    if smooth_difference > threshold:
+        return "fail"
+    return "inconclusive" if noise > INCONCLUSIVE else "pass"
+
+
+def _notebook_verdicts(
+    difference: float, differences: Mapping[str, float], nonfinite: Mapping[str, bool], threshold: float
+) -> tuple[str, dict[str, str]]:
+    """The overall and per-parameter verdicts under a fixed epsilon and threshold (no error bars).
+
+    The overall verdict is the notebook's rule (difference ≤ threshold), made stricter in
+    one case only: a parameter whose own difference is beyond SAFETY × threshold (far
+    outside the notebook's rounding noise, ~3e-7 per parameter on a correct seed case at
+    ε = 1e-7) fails the check even when the other parameters' norms hide it in the overall
+    difference. Per-parameter verdicts never contradict the overall one: a passing check
+    has no faults; in a failing one those beyond SAFETY × threshold are at fault, those
+    over the threshold but within that band inconclusive (or at fault, when nothing else is).
+    """
+    per = {}
+    for name, value in differences.items():
+        if nonfinite[name] or not value <= SAFETY * threshold:
+            per[name] = "fail"
+        else:
+            per[name] = "inconclusive" if value > threshold else "pass"
+    passed = difference <= threshold and "fail" not in per.values()
+    if passed:
+        return "pass", {name: "pass" for name in per}
+    if "fail" not in per.values():
+        over = [name for name, v in per.items() if v == "inconclusive"]
+        for name in over or [max(differences, key=differences.get)]:
+            per[name] = "fail"
+    return "fail", per
 
 
 def judge(
-    parts,
-    analytic,
-    numeric,
-    estimate,
+    parts: Mapping[str, Any],
+    targets: Mapping[str, Any],
+    numeric: Mapping[str, Any],
+    estimate: Any,
     *,
-    xp,
-    backend,
-    epsilon,
-    threshold,
-    mode,
-    order,
-    top_k,
-    notes,
-    evaluations,
-    positions,
+    xp: Any,
+    backend: Any,
+    epsilon: float | str,
+    threshold: float | str,
+    mode: str,
+    order: int,
+    top_k: int,
+    notes: tuple[str, ...],
+    evaluations: int,
+    coverage: Coverage,
+    allowance: Mapping[str, Any] | None = None,
+    grad_dtypes: Mapping[str, Any] | None = None,
 ) -> Report:
-    """Formula (2) overall and per parameter, error bars, top-k; one transfer to the host.
+    """Formula (2) overall and per parameter, verdicts, top-k; one transfer to the host.
+
+    ``targets`` are the backprop's values compared (the gradient, a sample of it, or its
+    directional derivatives), ``numeric`` the finite differences at the same places,
+    ``estimate`` their error bars and kinks (None with a fixed epsilon and threshold: the
+    notebook's rule), ``allowance`` the backprop's rounding per value (backprop_rounding),
+    ``grad_dtypes`` the dtype each gradient came in (the report's dtype).
 
     Elements whose finite difference is NaN or Inf (the cost returned NaN/Inf at θ ± ε) are
     left out of every difference, on both sides, and listed in ``nonfinite``: the rest is
-    still judged, and the parameter fails. Elements at a kink are compared with the nearest
-    subgradient between their one-sided slopes.
+    still judged, and the parameter fails.
     """
     auto = threshold == "auto"
-    stencil_order = order  # the name `order` is reused below for the top-k argsort
     names = tuple(parts)
-    sizes = [math.prod(tuple(numeric[name].shape)) for name in names]
-    dtype = xp.result_type(*(numeric[name].dtype for name in names))
-
-    def joined(values: Mapping[str, Any], kind: Any = dtype) -> Any:
-        flat = [_cast(xp.reshape(values[name], (-1,)), kind, xp) for name in names]
-        return flat[0] if len(flat) == 1 else xp.concat(flat)
-
-    # Elementwise work and the top-k sort run once over every parameter's values,
-    # concatenated; only the sums go parameter by parameter, on slices.
-    bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(names))]
-    n, a = joined(numeric), joined(analytic)
-    finite = xp.isfinite(n)
-    zero = xp.zeros_like(a)
-    if estimate is not None:
-        err, kink = joined(estimate.error), joined(estimate.kink, xp.bool) & finite
-        low, high = joined(estimate.low), joined(estimate.high)
-        n = xp.where(kink, xp.minimum(xp.maximum(a, low - err), high + err), n)
-        # Rounding the backprop itself may carry: ANALYTIC_ULPS of each parameter's own
-        # dtype, relative to |g_j| + rms(g) of that parameter.
-        slack = xp.concat(
-            [
-                ANALYTIC_ULPS
-                * float(xp.finfo(analytic[name].dtype).eps)
-                * (xp.abs(a[start:stop]) + xp.sqrt(xp.mean(a[start:stop] * a[start:stop])))
-                for name, (start, stop) in zip(names, bounds)
-            ]
+    judged = {
+        name: _elements(
+            targets[name],
+            numeric[name],
+            None
+            if estimate is None
+            else (estimate.error[name], estimate.kink[name], estimate.low[name], estimate.high[name]),
+            None if allowance is None else allowance[name],
+            top_k,
+            xp,
         )
-        tol = xp.where(finite, err + slack, zero)
-    else:
-        kink = xp.zeros_like(finite)
-        tol = zero
-    a_kept, n_kept = xp.where(finite, a, zero), xp.where(finite, n, zero)
-    gap = a_kept - n_kept
-    error = xp.abs(gap)
-    # Per element: what each parameter sums (squares for its norms, then its counts).
-    columns = xp.stack(
-        [
-            gap * gap,
-            a_kept * a_kept,
-            n_kept * n_kept,
-            tol * tol,
-            xp.astype((error > SAFETY * tol) & (tol > 0), dtype),
-            xp.astype(~finite, dtype),
-            xp.astype(kink, dtype),
-        ],
-        axis=1,
-    )
-    # The top-k of every parameter from two sorts over all elements, not one per parameter
-    # (per-call overhead is what a small check costs): largest error first, then grouped
-    # by parameter; both sorts stable, so ties keep index order, as a per-parameter sort.
-    counts = {name: (min(top_k, stop - start), stop - start) for name, (start, stop) in zip(names, bounds)}
-    if len(names) == 1:
-        order = xp.argsort(error, descending=True, stable=True)
-    else:
-        where = array_api_compat.device(error)
-        stops = xp.asarray([stop for _, stop in bounds], device=where)
-        owner = xp.searchsorted(stops, xp.arange(bounds[-1][1], device=where), side="right")
-        order = xp.argsort(error, descending=True, stable=True)
-        order = xp.take(order, xp.argsort(xp.take(owner, order), stable=True))
-    picks = [start + j for (start, _), (k, _) in zip(bounds, counts.values()) for j in range(k)]
-    worst = xp.take(order, xp.asarray(picks, device=array_api_compat.device(order)))
-    # Each listed element with its tolerance (the error the judge lets pass as noise), so
-    # the report lists only elements that are actually off.
-    top = xp.take(xp.stack([a, n, SAFETY * tol], axis=1), worst, axis=0)
-    sums = xp.stack([xp.sum(columns[start:stop, :], axis=0) for start, stop in bounds])
-    overall = xp.astype(
-        xp.stack(
-            [
-                xp.linalg.vector_norm(a_kept - n_kept),
-                xp.linalg.vector_norm(a_kept) + xp.linalg.vector_norm(n_kept),
-                xp.linalg.vector_norm(tol),
-            ]
-        ),
-        xp.float64,
-    )
+        for name in names
+    }
+    # Formula (2) over all parameters, on the joined values as the notebook computes it (its
+    # numbers bitwise), scale-safe; the kept values are those with a finite difference.
+    kept = [
+        (
+            _to_float(
+                xp.where(judged[name].nonfinite, xp.zeros_like(judged[name].analytic), judged[name].analytic),
+                xp,
+            ),
+            _to_float(
+                xp.where(judged[name].nonfinite, xp.zeros_like(judged[name].numeric), judged[name].numeric),
+                xp,
+            ),
+        )
+        for name in names
+    ]
+    a_all = kept[0][0] if len(kept) == 1 else xp.concat([a for a, _ in kept])
+    n_all = kept[0][1] if len(kept) == 1 else xp.concat([n for _, n in kept])
+    overall = xp.stack([norm(a_all - n_all, xp), norm(a_all, xp), norm(n_all, xp)])
     # Everything the report prints crosses to the host in one transfer (one device sync).
-    packed = xp.concat([overall, *(_cast(xp.reshape(v, (-1,)), xp.float64, xp) for v in (sums, worst, top))])
-    values = to_host(packed).tolist()
-    sums_at, worst_at_all, top_at = 3, 3 + 7 * len(names), 3 + 7 * len(names) + len(picks)
-    masks = {name: (~finite[start:stop], kink[start:stop]) for name, (start, stop) in zip(names, bounds)}
-    compared = {name: n[start:stop] for name, (start, stop) in zip(names, bounds)}
-
-    def ratio(numerator: float, denominator: float) -> float:
-        return numerator / denominator if denominator > 0 else (0.0 if numerator == 0 else math.inf)
-
-    floor = 4 * float(xp.finfo(dtype).eps)
-    results, picked = {}, 0
-    for i, (name, (start, _)) in enumerate(zip(names, bounds)):
-        k, checked = counts[name]
-        gap2, a2, n2, tol2, outliers, n_bad, n_kinks = values[sums_at + 7 * i : sums_at + 7 * i + 7]
-        num, den, tol_norm = math.sqrt(gap2), math.sqrt(a2) + math.sqrt(n2), math.sqrt(tol2)
-        worst_at = [int(v) - start for v in values[worst_at_all + picked : worst_at_all + picked + k]]
-        top_a = values[top_at + 3 * picked : top_at + 3 * (picked + k) : 3]
-        top_n = values[top_at + 3 * picked + 1 : top_at + 3 * (picked + k) : 3]
-        top_tol = values[top_at + 3 * picked + 2 : top_at + 3 * (picked + k) : 3]
-        picked += k
+    packed = xp.concat(
+        [
+            overall,
+            *(
+                _to_float(piece, xp)
+                for name in names
+                for piece in (
+                    judged[name].stats,
+                    judged[name].worst,
+                    take(judged[name].analytic, judged[name].worst, xp),
+                    take(judged[name].numeric, judged[name].worst, xp),
+                    take(judged[name].tolerance, judged[name].worst, xp),
+                )
+            ),
+        ]
+    )
+    values = iter(to_host(packed).tolist())
+    overall_gap, overall_analytic, overall_numeric = (next(values) for _ in range(3))
+    floor = 4 * float(xp.finfo(judged[names[0]].analytic.dtype).eps)
+    results, summary = {}, {}
+    for name in names:
+        elements = judged[name]
+        stats = dict(zip(_STATS, (next(values) for _ in _STATS)))
+        k = int(elements.worst.shape[0])
+        worst = [int(next(values)) for _ in range(k)]
+        top_a = [next(values) for _ in range(k)]
+        top_n = [next(values) for _ in range(k)]
+        top_tol = [next(values) for _ in range(k)]
+        top_tol = top_tol if estimate is not None else [None] * k  # no error bars: no tolerance
         shape = tuple(parts[name].shape)
-
-        def where(flat: int, shape=shape, name=name) -> tuple[int, ...]:
-            if positions == "directions":
-                return (flat,)
-            return _unravel(positions[name][flat] if positions else flat, shape)
-
         top = tuple(
             ElementError(
-                where(i),
+                coverage.label(name, i, shape),
                 ta,
                 tn,
                 abs(ta - tn),
-                ratio(abs(ta - tn), max(abs(ta), abs(tn))),
-                tt if estimate is not None else None,
+                _ratio(abs(ta - tn), max(abs(ta), abs(tn))),
+                tol,
             )
-            for i, ta, tn, tt in zip(worst_at, top_a, top_n, top_tol)
+            for i, ta, tn, tol in zip(worst, top_a, top_n, top_tol)
         )
-        bad, kinks = masks[name]
-        nonfinite = tuple(where(i[0]) for i in _indices(bad, (checked,))) if n_bad else ()
-        kink_list = tuple(where(i[0]) for i in _indices(kinks, (checked,))) if n_kinks else ()
-        difference = ratio(num, den)
-        expected = ratio(tol_norm, den) if estimate is not None else None
-        results[name] = ParameterResult(
+        checked = int(elements.analytic.shape[0])
+        nonfinite = (
+            tuple(coverage.label(name, i[0], shape) for i in _indices(elements.nonfinite, (checked,)))
+            if stats["nonfinite"]
+            else ()
+        )
+        kinks = (
+            tuple(coverage.label(name, i[0], shape) for i in _indices(elements.kinks, (checked,)))
+            if stats["kinks"]
+            else ()
+        )
+        size = stats["analytic_norm"] + stats["numeric_norm"]
+        difference = _ratio(stats["gap"], size)
+        expected, limit = _limits(_ratio(stats["noise"], size), _ratio(stats["allowance"], size), floor)
+        summary[name] = stats
+        results[name] = dict(
             name=name,
             shape=shape,
             difference=difference,
             worst_index=top[0].index,
             analytic=top[0].analytic,
             numeric=top[0].numeric,
-            threshold=max(SAFETY * expected, floor) if auto else threshold,
-            analytic_grad=analytic[name],
-            numeric_grad=compared[name] if positions else xp.reshape(compared[name], shape),
+            threshold=limit if auto else float(threshold),
+            analytic_grad=targets[name],
+            numeric_grad=elements.numeric
+            if coverage.kind != "elements"
+            else xp.reshape(elements.numeric, shape),
             nonfinite=nonfinite,
-            verdict=_verdict(difference, expected, threshold, int(outliers), bool(n_bad), auto, floor),
-            expected=expected,
+            verdict=_auto_verdict(stats, size, limit, coverage.kind == "directions")
+            if estimate is not None
+            else None,
+            expected=expected if estimate is not None else None,
             top=top,
-            kinks=kink_list,
+            kinks=kinks,
             checked=checked,
         )
-    difference = ratio(values[0], values[1])
-    expected = ratio(values[2], values[1]) if estimate is not None else None
-    verdicts = {r.verdict for r in results.values()}
+
+    # The overall error bars: the per-parameter norms joined (hypot: no overflow on the host).
+    def joined(stat: str) -> float:
+        return math.hypot(*(s[stat] * s["scale"] for s in summary.values()))
+
+    size = overall_analytic + overall_numeric
+    difference = _ratio(overall_gap, size)
+    expected, limit = _limits(_ratio(joined("noise"), size), _ratio(joined("allowance"), size), floor)
     if estimate is None:  # the notebook's rule: the overall difference decides
-        nonfinite = any(r.nonfinite for r in results.values())
-        verdict = "pass" if difference <= threshold and not nonfinite else "fail"
+        nonfinite = {name: bool(summary[name]["nonfinite"]) for name in names}
+        differences = {name: r["difference"] for name, r in results.items()}
+        verdict, per = _notebook_verdicts(difference, differences, nonfinite, float(threshold))
+        for name in names:
+            results[name]["verdict"] = per[name]
     else:
+        verdicts = {r["verdict"] for r in results.values()}
         verdict = "fail" if "fail" in verdicts else ("inconclusive" if "inconclusive" in verdicts else "pass")
-    dtypes = sorted(map(_dtype_name, {p.dtype for p in analytic.values()}))
+    dtypes = grad_dtypes or {name: targets[name].dtype for name in names}
     return Report(
         difference=difference,
-        threshold=max(SAFETY * expected, floor) if auto else float(threshold),
+        threshold=limit if auto else float(threshold),
         epsilon=epsilon,
         mode=mode,
         backend=backend.name,
         device=str(backend.device),
-        dtype="/".join(dtypes),
+        dtype="/".join(sorted(map(_dtype_name, set(dtypes.values())))),
         evaluations=evaluations,
-        parameters=MappingProxyType(results),
+        parameters=MappingProxyType({name: ParameterResult(**r) for name, r in results.items()}),
         verdict=verdict,
-        expected=expected,
-        order=stencil_order,
+        expected=expected if estimate is not None else None,
+        order=order,
         notes=notes,
         auto_threshold=auto,
     )
+
+
+def _to_float(x: Any, xp: Any) -> Any:
+    wide = xp.float64 if _has_float64(xp) else xp.float32
+    x = xp.reshape(x, (-1,))
+    return x if x.dtype == wide else xp.astype(x, wide)

@@ -205,10 +205,14 @@ def plot_errors(report: Any, name: str, ax: Any = None) -> Any:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if rows > 16:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("column")
-    ax.set_ylabel("row")
+    screen = getattr(report, "mode", None) == "directions"
+    ax.set_xlabel("direction k (uₖᵀ∇J)" if screen else "column")
+    ax.set_ylabel("" if screen else "row")
+    what = f"{columns} random directions" if screen else str(tuple(result.shape))
     ax.set_title(
-        f"{name} {tuple(result.shape)}\n{_verdict(result)}, difference {float(result.difference):.2e}",
+        f"{name}: {what}\n{_verdict(result)}, difference {float(result.difference):.2e}"
+        if screen
+        else f"{name} {what}\n{_verdict(result)}, difference {float(result.difference):.2e}",
         fontsize="medium",
     )
     return ax

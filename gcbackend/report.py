@@ -84,7 +84,8 @@ class Report:
 
     ``difference`` is formula (2), ‖grad − gradapprox‖₂ / (‖grad‖₂ + ‖gradapprox‖₂), over all
     checked values. ``verdict`` is ``"pass"``, ``"fail"`` or ``"inconclusive"``: with a fixed
-    epsilon and threshold (the notebook's way) it is ``difference <= threshold``; otherwise a
+    epsilon and threshold (the notebook's way) it is ``difference <= threshold`` and no
+    parameter's own difference beyond 10 × threshold (see README-verdicts); otherwise a
     parameter failing fails the check, and one whose noise floor is too high to tell makes it
     inconclusive. ``expected`` is the difference a correct gradient would show (``None`` in
     the notebook's way). ``parameters`` maps each name to its ``ParameterResult``, in the
@@ -214,6 +215,9 @@ class Report:
         return [f"{n} (difference {self.parameters[n].difference:.2g})" for n in names]
 
 
+SAFETY_FACTOR = 10.0
+"""How far beyond a fixed threshold a parameter's own difference must be to be at fault
+(judge.SAFETY; repeated here because the report knows nothing of the judge)."""
 NOTEBOOK_CAVEAT = (
     "(no error bars at a fixed epsilon and threshold: a difference near the threshold may be "
     "rounding noise of the finite differences; epsilon='auto' tells noise from bugs)"
@@ -245,15 +249,9 @@ def _barred(report: Report) -> bool:
 
 
 def _word(report: Report, p: ParameterResult) -> str:
-    """The verdict column of a parameter, in words that cannot contradict the overall verdict.
-
-    Without error bars a parameter's "fail" only means its own difference is over the
-    threshold (the notebook judges the overall difference), so it reads "over 2e-07".
-    """
-    word = p.verdict
-    if word == "fail" and not _barred(report) and not p.nonfinite:
-        word = f"over {report.threshold:g}"
-    return word + (" (NaN/Inf)" if p.nonfinite else "")
+    """The verdict column of a parameter. The judge keeps per-parameter verdicts consistent
+    with the overall one (under the notebook's rule too: a passing check has no faults)."""
+    return p.verdict + (" (NaN/Inf)" if p.nonfinite else "")
 
 
 def _culprits(report: Report) -> tuple[str, ...]:
@@ -275,6 +273,11 @@ def _is_off(report: Report, p: ParameterResult, e: ElementError) -> bool:
     return e.absolute > report.threshold * (abs(e.analytic) + abs(e.numeric))
 
 
+def _where(report: Report, name: str, e: ElementError) -> str:
+    """``W2[2, 0]``, or ``b1 direction 6`` for the fast screen (index (k,) is the k-th direction)."""
+    return f"{name} direction {e.index[0]}" if report.mode == "directions" else f"{name}{list(e.index)}"
+
+
 def _element_lines(report: Report, name: str) -> list[str]:
     p = report.parameters[name]
     off = [e for e in p.top if _is_off(report, p, e)]
@@ -285,7 +288,7 @@ def _element_lines(report: Report, name: str) -> list[str]:
             f"{p.checked or p.size} values is {p.difference:.2g}"
         ]
     lines = [
-        f"  {name}{list(e.index)}: analytic {e.analytic:.9g}, numeric {e.numeric:.9g}, "
+        f"  {_where(report, name, e)}: analytic {e.analytic:.9g}, numeric {e.numeric:.9g}, "
         f"|error| {e.absolute:.3g}, relative {e.relative:.3g}"
         for e in off
     ]
@@ -320,8 +323,7 @@ def _view(report: Report) -> _View:
             "",
         )
     )
-    # An "over 2e-07" row is no verdict of its own: not coloured as one.
-    kinds = [_word(report, p).split()[0] for p in report.parameters.values()] + [report.verdict]
+    kinds = [p.verdict for p in report.parameters.values()] + [report.verdict]
     epsilon = report.epsilon if isinstance(report.epsilon, str) else f"{report.epsilon:g}"
     threshold = f"auto ({report.threshold:.1e})" if report.auto_threshold else f"{report.threshold:g}"
     header = (
@@ -330,25 +332,31 @@ def _view(report: Report) -> _View:
         f"{report.evaluations} cost evaluations"
     )
     lines = []
-    over = [p.name for p in report.parameters.values() if p.verdict != "pass"]
     if report.verdict == "pass":
         lines.append(f"{PASS_SENTENCE} difference = {report.difference!r}")
+        # Without error bars the notebook's rule judges the overall difference; a parameter
+        # over the threshold on its own is then rounding noise at this epsilon, and said so.
+        over = [
+            p.name
+            for p in report.parameters.values()
+            if not _barred(report) and p.difference > report.threshold
+        ]
         if over:
-            if _barred(report):
-                lines.append(f"Not passing on their own: {', '.join(report._named(over))}")
-            else:
-                lines.append(
-                    f"Over the threshold on their own: {', '.join(report._named(over))}; "
-                    "the notebook's rule judges the overall difference"
-                )
-                lines.append(NOTEBOOK_CAVEAT)
+            lines.append(
+                f"Over the threshold on their own: {', '.join(report._named(over))}; "
+                "the notebook's rule judges the overall difference"
+            )
+            lines.append(NOTEBOOK_CAVEAT)
     elif report.verdict == "fail":
         lines.append(f"{FAIL_SENTENCE} difference = {report.difference!r}")
         culprits = _culprits(report)
-        if _barred(report):
-            lines.append("Parameters at fault, worst first: " + ", ".join(report._named(culprits)))
-        else:
-            lines.append(f"Over the threshold, worst first: {', '.join(report._named(culprits))}")
+        lines.append("Parameters at fault, worst first: " + ", ".join(report._named(culprits)))
+        unsure = [p.name for p in report.parameters.values() if p.verdict == "inconclusive"]
+        if unsure and not _barred(report):
+            lines.append(
+                f"Over the threshold but within {SAFETY_FACTOR:g}× of it, inconclusive: "
+                f"{', '.join(report._named(unsure))}"
+            )
             lines.append(NOTEBOOK_CAVEAT)
         for name in culprits:
             lines.extend(_element_lines(report, name))
@@ -357,7 +365,7 @@ def _view(report: Report) -> _View:
         lines.append(
             f"{INCONCLUSIVE_SENTENCE} difference = {report.difference!r}; the finite differences "
             f"are too noisy at this precision to tell for {', '.join(vague)} (a correct gradient "
-            "would show the 'expected' column). Try float64, order=4, or a larger epsilon."
+            "would show the 'expected' column). Try float64 or a larger epsilon."
         )
     for p in report.parameters.values():
         if p.kinks:

@@ -62,10 +62,11 @@ def test_seed_case_with_planted_bugs(backend, mode):
     assert worst.analytic == pytest.approx(4 * worst.numeric, rel=1e-5)
     text = str(report)
     assert "There is a mistake in the backward propagation!" in text
-    # Without error bars the report cannot say who is at fault, only who is over the threshold.
+    # Only the planted bugs are at fault: b3 (correct, over 2e-7 on its own) is not.
     faults_line = next(
-        line for line in text.splitlines() if line.startswith("Over the threshold, worst first")
+        line for line in text.splitlines() if line.startswith("Parameters at fault, worst first")
     )
+    assert "b3" not in faults_line
     assert faults_line.index("b1") < faults_line.index("W2")
     for name in params:
         assert name in text
@@ -298,3 +299,41 @@ def test_workers_minus_one_is_one_per_cpu():
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert engine.worker_count(-1) == cpus and engine.worker_count(3) == 3
+
+
+def _notebook_gradient_check_n(params, grads, X, Y, epsilon=1e-7):
+    """The course notebook's gradient_check_n, as written there (NumPy, one row at a time)."""
+    names = ("W1", "b1", "W2", "b2", "W3", "b3")
+    theta = np.concatenate([params[k].reshape(-1, 1) for k in names])
+    grad = np.concatenate([grads[k].reshape(-1, 1) for k in names])
+    shapes = [params[k].shape for k in names]
+
+    def unpack(vector):
+        out, start = {}, 0
+        for name, shape in zip(names, shapes):
+            size = int(np.prod(shape))
+            out[name] = vector[start : start + size].reshape(shape)
+            start += size
+        return out
+
+    gradapprox = np.zeros_like(theta)
+    for i in range(theta.shape[0]):
+        plus, minus = np.copy(theta), np.copy(theta)
+        plus[i][0] += epsilon
+        minus[i][0] -= epsilon
+        gradapprox[i] = (mlp.cost(unpack(plus), X, Y) - mlp.cost(unpack(minus), X, Y)) / (2 * epsilon)
+    numerator = np.linalg.norm(grad - gradapprox)
+    return numerator / (np.linalg.norm(grad) + np.linalg.norm(gradapprox))
+
+
+@pytest.mark.parametrize("buggy", [True, False])
+def test_notebook_settings_reproduce_the_notebooks_own_loop(buggy):
+    """The notebook's gradient_check_n, run here as written, gives the same number to the last
+    ulp or so (np.linalg.norm sums squares with a BLAS dot, the array API's vector_norm pairwise)."""
+    X, Y, params = mlp.seed_case()
+    grads = mlp.backward_with_planted_bugs(params, X, Y) if buggy else mlp.backward(params, X, Y)
+    reference = _notebook_gradient_check_n(params, grads, X, Y)
+    for mode in ("loop", "stacked"):
+        report = check(mlp.cost, params, grads, X, Y, mode=mode, **gc.NOTEBOOK)
+        assert report.difference == pytest.approx(reference, rel=4e-16 if buggy else 1e-9)
+        assert report.verdict == ("fail" if buggy else "pass")

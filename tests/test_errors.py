@@ -193,7 +193,9 @@ def test_epsilon_too_small_for_the_dtype(backend, dtype, epsilon):
     X, Y, params = mlp.random_case([3, 2, 1], 4, dtype=dtype, xp=backend.xp, device=backend.device)
     grads = mlp.backward(params, X, Y)
     with pytest.raises(gc.InputError) as info:
-        check(mlp.cost, params, grads, X, Y, epsilon=epsilon)
+        # Validation runs in the dtype of evaluation (issue 13): float32 stays float32 only
+        # with upcast=False; upcast, ε = 1e-10 moves every float64 θ.
+        check(mlp.cost, params, grads, X, Y, epsilon=epsilon, upcast=False)
     message = str(info.value)
     assert f"epsilon={epsilon:g} is too small for params['W1'] in" in message
     assert (
@@ -211,7 +213,7 @@ def test_epsilon_too_small_names_only_the_stuck_elements(backend):
 def test_epsilon_overflowing_the_dtype(backend):
     X, Y, params = mlp.random_case([3, 2, 1], 4, dtype="float32", xp=backend.xp, device=backend.device)
     with pytest.raises(gc.InputError, match=r"epsilon=1e\+39 overflows float32 .* params\['W1'\]"):
-        check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, epsilon=1e39)
+        check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, epsilon=1e39, upcast=False)
 
 
 @pytest.mark.parametrize("threshold", [0, -2e-7, math.nan, math.inf, "2e-7"])

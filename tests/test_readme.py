@@ -69,9 +69,7 @@ def _blocks(text: str) -> list[Block]:
 BLOCKS = _blocks(README.read_text(encoding="utf-8"))
 
 # Blocks whose claim waits on another issue: (section, reason).
-WAITING = {
-    "Dropout": "issue #13 (verdicts never wrong): the correct dropout backprop is judged 'fail' today",
-}
+WAITING: dict[str, str] = {}
 
 
 def _leading_literal(comment: str) -> object:
