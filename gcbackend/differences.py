@@ -95,7 +95,7 @@ def estimate(
     steps: Mapping[str, Any],
     order: int,
     xp: ModuleType,
-    mode: str = "stacked",
+    mode: str = "unverified",
     memory_budget: int = engine.DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int], Any] | None = None,
     elements: Mapping[str, Any] | None = None,
@@ -104,6 +104,7 @@ def estimate(
     refine: int = REFINE_ROUNDS,
     center: Any = None,
     rounding: Any = None,
+    paths: dict | None = None,
 ) -> Estimate:
     """Derivatives with error bars from the stencil ±h, ±2h (and J(θ) once) in one pass.
 
@@ -116,7 +117,12 @@ def estimate(
     with a kink crossed within ±2h (see REFINE_FACTOR), and keep whichever estimate has
     the smaller error bar. A refinement round is passed J(θ) as ``center`` and δ as
     ``rounding``: both are the first round's, measured over every element.
+
+    ``paths`` (engine.stencil_costs) records how each tensor was evaluated; a batched path
+    accepted with a discrepancy d between batched and single values (``Path.discrepancy``)
+    moves each J by up to d, so each derivative's error bar includes d/h.
     """
+    paths = {} if paths is None else paths
     grid = engine.stencil_costs(
         cost,
         parts,
@@ -131,6 +137,7 @@ def estimate(
         elements=elements,
         directions=directions,
         runner=runner,
+        paths=paths,
     )
     if center is None:
         center = engine.evaluate_center(cost, layout.wrap(dict(parts)), args, xp=xp)
@@ -151,7 +158,8 @@ def estimate(
     delta = _rounding(center, fourth, pieces, xp) if rounding is None else rounding
     for name, (one, two, h, rise, fall, _) in pieces.items():
         # |D(h) − D(2h)| / 3 is D(h)'s truncation (Richardson); δ/h bounds its rounding.
-        error[name] = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * delta / h
+        batch = engine.path_of(paths, name).discrepancy  # 0 unless batched values only nearly agree
+        error[name] = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * (delta + batch) / h
         is_kink = xp.reshape(_kinks(pieces[name], delta, xp), tuple(rise.shape))
         kink[name] = is_kink if directions is None else xp.zeros_like(is_kink)
         right, left = rise / h, fall / h
@@ -195,6 +203,7 @@ def estimate(
         refine=refine - 1,
         center=center,
         rounding=delta,
+        paths=paths,
         **narrower,
     )
     if directions is not None:

@@ -65,13 +65,15 @@ def judge(
     notes,
     evaluations,
     positions,
+    paths=None,
 ) -> Report:
     """Formula (2) overall and per parameter, error bars, top-k; one transfer to the host.
 
     Elements whose finite difference is NaN or Inf (the cost returned NaN/Inf at θ ± ε) are
     left out of every difference, on both sides, and listed in ``nonfinite``: the rest is
     still judged, and the parameter fails. Elements at a kink are compared with the nearest
-    subgradient between their one-sided slopes.
+    subgradient between their one-sided slopes. ``paths`` (name → engine.Path) says how
+    each parameter's rows were evaluated; it is recorded in the results.
     """
     auto = threshold == "auto"
     names = tuple(parts)
@@ -200,6 +202,8 @@ def judge(
             top=top,
             kinks=kink_list,
             checked=checked,
+            path=paths[name].name if paths else "",
+            path_reason=paths[name].reason if paths else "",
         )
     difference = ratio(values[0], values[1])
     expected = ratio(values[2], values[1]) if estimate is not None else None
