@@ -1059,6 +1059,12 @@ def stencil_costs(
         intact = not mutable or _intact(stencil, parts, args, xp)
     except _Scribbled:
         intact = False
+    except CostError:
+        # A verification that failed because the cost had written into its inputs meanwhile
+        # is no verdict on batching: redo it with fresh copies below. Any other error stands.
+        if not mutable or _intact(stencil, parts, args, xp):
+            raise
+        intact = False
     if not intact:
         # The cost wrote into what it received: every call again, with fresh copies of everything.
         reason = "the cost writes into the arrays it receives: every call got fresh copies"
