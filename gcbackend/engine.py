@@ -108,6 +108,11 @@ rows per call measured rather than fixed (see ``_tuned_sizes``)."""
 TUNE_SIZES = (4, 8, 16, 32, 64, 128, 256)
 TUNE_CALLS = 2
 WHOLE_ROWS = 256
+VMAP_ROWS = 512
+"""Rows per vmapped call, at most (and within the memory budget): vmap's per-call overhead
+(tracing the cost's Python once per call, batching rules) is what a vmapped check costs,
+so its calls are larger than broadcast's; JAX pads every call to this size, so jit
+compiles once per tensor."""
 """A θ whose stencil has at most this many rows is done in ONE call with every tensor
 batched (the seed case: 94 or 188 rows), where per-call overhead dominates."""
 
@@ -310,7 +315,9 @@ def evaluate_rows(
         n_rows, size, itemsize, memory_budget, group.name, group.most
     )  # validates the budget too
     seconds: list[float] = []
-    if n_rows - start >= TUNE_MIN_ROWS and _timed_on_host(xp, group.flat):
+    if path.name == "vmap":
+        sizes = itertools.repeat(_vmap_rows(group, memory_budget, xp))
+    elif n_rows - start >= TUNE_MIN_ROWS and _timed_on_host(xp, group.flat):
         sizes = _tuned_sizes(min((n_rows - start) // 4, memory_budget // (size * itemsize)), seconds, static)
     else:
         sizes = itertools.repeat(static)
@@ -323,6 +330,25 @@ def evaluate_rows(
             progress(stop - start)
         start = stop
     return _joined(costs, xp)
+
+
+def _vmap_rows(group: RowGroup, memory_budget: int, xp: ModuleType) -> int:
+    row_bytes = group.flat.shape[0] * (xp.finfo(group.flat.dtype).bits // 8)
+    return max(1, min(VMAP_ROWS, memory_budget // row_bytes))
+
+
+def _rest_bounds(
+    group: RowGroup, path: Path, start: int, memory_budget: int, xp: ModuleType
+) -> list[tuple[int, int]]:
+    """The (start, stop) of the calls over rows [start, n_rows) once the path is known."""
+    if path.name == "vmap":
+        step = _vmap_rows(group, memory_budget, xp)
+        return [(first, min(first + step, group.n_rows)) for first in range(start, group.n_rows, step)]
+    itemsize = xp.finfo(group.flat.dtype).bits // 8
+    rest = chunk_bounds(
+        group.n_rows - start, group.flat.shape[0], itemsize, memory_budget, group.name, group.most
+    )
+    return [(start + a, start + b) for a, b in rest]
 
 
 def _joined(costs: list[Any], xp: ModuleType) -> Any:
@@ -387,9 +413,16 @@ def _batch_call(stencil, group, name, points, start, stop, *, xp):
         memo = {} if group.memo is None else group.memo
         mapped = memo.get("vmap")
         if mapped is None:
-            mapped = memo["vmap"] = _vmapped(stencil.cost, stencil.args, group.single, xp)
+            mapped = memo["vmap"] = _vmapped(stencil, group, xp)
+        padded = memo.get("rows", 0)
+        if array_api_compat.is_jax_namespace(xp) and count < padded:
+            # One shape per tensor, so jit compiles once: repeat the last row, drop its costs.
+            filler = xp.broadcast_to(points[-1:, ...], (padded - count, points.shape[1]))
+            points = xp.concat([points, filler])
+        memo["rows"] = max(padded, points.shape[0])
         try:
             out = mapped(points)
+            out = out[:count] if points.shape[0] > count else out
         except Exception as exc:
             raise CostError(
                 f"the cost raised {type(exc).__name__} under vmap: {exc} (at rows {start}..{stop - 1} "
@@ -417,19 +450,41 @@ def can_vmap(xp: ModuleType) -> bool:
     return array_api_compat.is_torch_namespace(xp) or array_api_compat.is_jax_namespace(xp)
 
 
-def _vmapped(cost, args, single, xp):
+_JITTED: dict[tuple, Any] = {}
+"""JAX: jit(vmap(cost)) per (cost, tensor, layout, non-array args), so a second check of the
+same cost compiles nothing; the parameters and array args are arguments, not constants."""
+_JITTED_MOST = 32
+
+
+def _vmapped(stencil: Stencil, group: RowGroup, xp: ModuleType) -> Callable[[Any], Any]:
     """The cost of one point, mapped over the rows of a (B, n) stack by the library."""
-
-    def one(row):
-        return cost(single(row), *args)
-
+    cost, args, single = stencil.cost, stencil.args, group.single
     if array_api_compat.is_torch_namespace(xp):
         from torch.func import vmap
 
-        return vmap(one)
+        return vmap(lambda row: cost(single(row), *args))
     import jax
 
-    return jax.jit(jax.vmap(one))
+    tensor, layout, shape = group.tensor, stencil.layout, group.shape
+    arrays = [i for i, a in enumerate(args) if _is_backend_array(a, xp)]
+    others = tuple((i, id(a)) for i, a in enumerate(args) if i not in arrays)
+    key = (cost, tensor, layout, others)
+    mapped = _JITTED.get(key)
+    if mapped is None:
+        fixed = {i: a for i, a in enumerate(args) if i not in arrays}
+
+        def one(row, parts, given):
+            values = dict(zip(arrays, given))
+            full = [values[i] if i in values else fixed[i] for i in range(len(args))]
+            return cost(layout.wrap({**parts, tensor: xp.reshape(row, shape)}), *full)
+
+        mapped = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+        if len(_JITTED) >= _JITTED_MOST:
+            _JITTED.pop(next(iter(_JITTED)))
+        _JITTED[key] = mapped
+    parts = dict(stencil.parts)
+    given = tuple(args[i] for i in arrays)
+    return lambda points: mapped(points, parts, given)
 
 
 def _looped(stencil: Stencil, group: RowGroup, start: int, stop: int, *, xp: ModuleType, fresh: bool) -> Any:
@@ -672,10 +727,13 @@ def _verified(stencil, group, name, picks, stop, singles, *, xp):
             what = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
             raise _Refused(_first_line(what), error) from None
 
-    probe_points = xp.concat([xp.asarray(group.rows(r, r + 1), copy=True) for r in picks])
-    probe = attempt(probe_points, 0, stop)
-    found = [probe]
-    if stop > len(picks):
+    # vmap maps the cost over rows one by one (no B×B intermediates to fear): no probe.
+    found = []
+    if name == "broadcast":
+        probe_points = xp.concat([xp.asarray(group.rows(r, r + 1), copy=True) for r in picks])
+        probe = attempt(probe_points, 0, stop)
+        found.append(probe)
+    if stop > len(picks) or not found:
         full = attempt(group.rows(0, stop), 0, stop)
         found.append(xp.stack([full[0], full[stop - 1]]))
         costs = full
@@ -943,6 +1001,8 @@ def _group_costs(
             if progress is not None:
                 progress(stop)
     stencil = replace(stencil, paths={tensor: paths[tensor] for tensor in tensors})
+    for tensor, head in first.items():
+        bounds[tensor] = _rest_bounds(groups[tensor], paths[tensor], head.shape[0], memory_budget, xp)
     if runner is None:
         out = {}
         for tensor, group in groups.items():
@@ -964,12 +1024,7 @@ def _group_costs(
             pieces = [p for p in (head, rest) if p is not None]
             out[tensor] = _joined(pieces, xp)
         return out
-    chunks = [
-        (tensor, start, stop)
-        for tensor in groups
-        for start, stop in bounds[tensor]
-        if not (tensor in first and start == 0)
-    ]
+    chunks = [(tensor, start, stop) for tensor in groups for start, stop in bounds[tensor]]
     results = runner(stencil, chunks, progress) if chunks else []
     out = {}
     for tensor in groups:
