@@ -469,7 +469,10 @@ def _vmapped(stencil: Stencil, group: RowGroup, xp: ModuleType) -> Callable[[Any
     arrays = [i for i, a in enumerate(args) if _is_backend_array(a, xp)]
     others = tuple((i, id(a)) for i, a in enumerate(args) if i not in arrays)
     key = (cost, tensor, layout, others)
-    mapped = _JITTED.get(key)
+    try:
+        mapped = _JITTED.get(key)
+    except TypeError:  # an unhashable callable object: compiled for this check only
+        key, mapped = None, None
     if mapped is None:
         fixed = {i: a for i, a in enumerate(args) if i not in arrays}
 
@@ -479,9 +482,10 @@ def _vmapped(stencil: Stencil, group: RowGroup, xp: ModuleType) -> Callable[[Any
             return cost(layout.wrap({**parts, tensor: xp.reshape(row, shape)}), *full)
 
         mapped = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
-        if len(_JITTED) >= _JITTED_MOST:
-            _JITTED.pop(next(iter(_JITTED)))
-        _JITTED[key] = mapped
+        if key is not None:
+            if len(_JITTED) >= _JITTED_MOST:
+                _JITTED.pop(next(iter(_JITTED)))
+            _JITTED[key] = mapped
     parts = dict(stencil.parts)
     given = tuple(args[i] for i in arrays)
     return lambda points: mapped(points, parts, given)
@@ -499,14 +503,16 @@ def _looped(stencil: Stencil, group: RowGroup, start: int, stop: int, *, xp: Mod
     """
     cost, args, name = stencil.cost, stencil.args, group.name
     costs: list[Any] = []
-    kind = None
+    kind = None  # the type of the first row's result, once validated: the rest are checked cheaply
+    reuses = _reuses(xp)
 
     def collect(out: Any, r: int) -> None:
         nonlocal kind
-        if kind is None or type(out) is not kind or out.shape != ():
+        if type(out) is not kind or out.shape != ():
+            raw = type(out)
             out = _as_costs(out, (), xp=xp, name=name, start=r, stop=r + 1, stacked=False)
-            kind = type(out)
-        elif _reuses(xp):
+            kind = raw if hasattr(raw, "shape") else None  # a Python float is converted every time
+        elif reuses:
             out = xp.asarray(out, copy=True)  # a cost may return a view of the reused vector
         costs.append(out)
 

@@ -515,3 +515,29 @@ def test_report_line_names_the_path_and_why():
     line = next(line for line in str(report).splitlines() if line.startswith("evaluation: "))
     assert "loop (broadcast: " in line and "W1" in line
     assert host(report.parameters["W1"].numeric_grad).shape == (5, 4)
+
+
+def test_an_accepted_discrepancy_widens_the_error_bars_not_the_verdict():
+    """A cost whose batched values differ from single ones by a hair (1e-14·|J|, within the
+    agreement bound) is used batched, and that hair is in every error bar (d/h)."""
+    (X, Y), params, grads = mlp_case(NP, None)
+
+    def cost(p, X, Y):
+        J = mlp.cost(p, X, Y)
+        batched = any(v.ndim == 3 for v in p.values())
+        return J * (1 + 1e-14) if batched else J
+
+    plain = gc.check(mlp.cost, params, grads, X, Y)
+    hair = gc.check(cost, params, grads, X, Y)
+    assert hair.passed and {r.path for r in hair.parameters.values()} == {"broadcast"}
+    for name in params:
+        assert hair.parameters[name].expected > plain.parameters[name].expected, name
+    # ... while a difference beyond the bound is never used batched.
+    gross = gc.check(
+        lambda p, X, Y: cost(p, X, Y) * (1 + 1e-10 * any(v.ndim == 3 for v in p.values())),
+        params,
+        grads,
+        X,
+        Y,
+    )
+    assert gross.passed and {r.path for r in gross.parameters.values()} == {"loop"}
