@@ -138,13 +138,16 @@ class Path:
     ``name`` is ``"broadcast"``, ``"vmap"`` or ``"loop"``; ``reason`` says why the faster
     paths were not taken ("" when none was refused); ``discrepancy`` is the largest
     |J_batched − J_single| seen while verifying (0 when bitwise equal, or not batched);
-    ``fresh`` means every call gets fresh copies of every input (the cost writes into them).
+    ``fresh`` means every call gets fresh copies of every input (the cost writes into them);
+    ``verified`` that batched calls are checked against single calls (every new batch size:
+    a cost may broadcast by coincidence at one size, e.g. a batch as long as the examples).
     """
 
     name: str
     reason: str = ""
     discrepancy: float = 0.0
     fresh: bool = False
+    verified: bool = False
 
 
 BROADCAST = Path("broadcast")
@@ -402,8 +405,49 @@ def _tuned_sizes(limit: int, seconds: list[float], static: int) -> Iterator[int]
 
 
 def _batched(stencil: Stencil, group: RowGroup, path: Path, start: int, stop: int, *, xp: ModuleType) -> Any:
-    """One batched call (broadcast or vmap): the costs of rows [start, stop), shape (stop - start,)."""
-    return _batch_call(stencil, group, path.name, group.rows(start, stop), start, stop, xp=xp)
+    """One batched call (broadcast or vmap): the costs of rows [start, stop), shape (stop - start,).
+
+    On a verified path, the first call of every batch size not seen yet in this group has its
+    first row compared with a single call; a disagreement raises ``_Mismatch``."""
+    costs = _batch_call(stencil, group, path.name, group.rows(start, stop), start, stop, xp=xp)
+    sizes = None if group.memo is None or not path.verified else group.memo.setdefault("sizes", set())
+    if sizes is not None and stop - start not in sizes:
+        single = _looped(stencil, group, start, start + 1, xp=xp, fresh=False)
+        batched_value, single_value = to_host(
+            xp.stack([xp.astype(costs[0], single.dtype), single[0]])
+        ).tolist()
+        if not _agree(batched_value, single_value, float(xp.finfo(single.dtype).eps)):
+            where = group.describe(start)
+            reason = (
+                f"batched values differ from single calls at {where}: {batched_value:.10g} (batch of "
+                f"{stop - start}) vs {single_value:.10g}"
+            )
+            error = CostError(
+                f"parameter {group.name!r} of shape {group.shape}: the cost's {path.name} values differ "
+                f"from single calls at {where}: {batched_value:.10g} in a batch of {stop - start} rows, "
+                f"{single_value:.10g} alone. "
+                + (contract(group.name, group.shape) if path.name == "broadcast" else "Use mode='loop'.")
+            )
+            raise _Mismatch(group.tensor, reason, error)
+        sizes.add(stop - start)
+    return costs
+
+
+class _Mismatch(Exception):
+    """A verified batched path disagreed with a single call at a new batch size."""
+
+    def __init__(self, tensor: str | None, reason: str, error: CostError) -> None:
+        super().__init__(tensor, reason, error)
+        self.tensor, self.reason, self.error = tensor, reason, error
+
+
+def _agree(batched_value: float, single_value: float, eps: float) -> bool:
+    """Whether a batched and a single evaluation agree within AGREEMENT_ULPS (NaN agrees with NaN)."""
+    if batched_value == single_value or (math.isnan(batched_value) and math.isnan(single_value)):
+        return True
+    return abs(batched_value - single_value) <= AGREEMENT_ULPS * eps * (
+        abs(batched_value) + abs(single_value)
+    )
 
 
 def _batch_call(stencil, group, name, points, start, stop, *, xp):
@@ -712,7 +756,9 @@ def choose_path(
                 raise refused.error from refused.error.__cause__
             reasons.append(f"{name}: {refused.reason}")
             continue
-        return Path(name, "; ".join(reasons), discrepancy), costs
+        if group.memo is not None:
+            group.memo["sizes"] = {stop} | ({len(picks)} if name == "broadcast" else set())
+        return Path(name, "; ".join(reasons), discrepancy, verified=True), costs
     return Path("loop", "; ".join(reasons)), _looped(stencil, group, 0, stop, xp=xp, fresh=False)
 
 
@@ -756,7 +802,7 @@ def _verified(stencil, group, name, picks, stop, singles, *, xp):
         if b == s or (math.isnan(b) and math.isnan(s)):
             continue
         gap = abs(b - s)
-        if not gap <= AGREEMENT_ULPS * eps * (abs(b) + abs(s)):
+        if not _agree(b, s, eps):
             r = picks[i % len(picks)]
             size = len(picks) if i < len(picks) else stop
             reason = (
@@ -1113,10 +1159,10 @@ def stencil_costs(
         if whole and paths.get(None, BROADCAST).name == "broadcast":
             try:
                 costs = _group_costs(stencil, (None,), **evaluation, paths=paths)[None]
-            except CostError:
+            except (CostError, _Mismatch):
                 paths.pop(None, None)  # the per-tensor pass below redoes it and names the parameter at fault
         if costs is None:
-            per_tensor = _group_costs(stencil, tensors, **evaluation, paths=paths)
+            per_tensor = _per_tensor(stencil, tensors, evaluation, paths)
         intact = not mutable or _intact(stencil, parts, args, xp)
     except _Scribbled:
         intact = False
@@ -1144,6 +1190,20 @@ def stencil_costs(
         else xp.zeros((n_stencil, 0), dtype=base.dtype, device=device(base))
         for name, base in parts.items()
     }
+
+
+def _per_tensor(stencil: Stencil, tensors, evaluation: dict, paths: dict) -> dict:
+    """``_group_costs`` per tensor; a tensor whose verified batched path disagrees with a
+    single call at a later batch size is looped instead (mode='auto'), or its CostError raised."""
+    while True:
+        try:
+            return _group_costs(stencil, tensors, **evaluation, paths=paths)
+        except _Mismatch as mismatch:
+            if evaluation["mode"] != "auto" or path_of(paths, mismatch.tensor).name == "loop":
+                raise mismatch.error from None
+            paths[mismatch.tensor] = Path(
+                "loop", f"{path_of(paths, mismatch.tensor).name}: {mismatch.reason}"
+            )
 
 
 def _intact(stencil: Stencil, parts: Mapping[str, Any], args: tuple[Any, ...], xp: ModuleType) -> bool:

@@ -541,3 +541,22 @@ def test_an_accepted_discrepancy_widens_the_error_bars_not_the_verdict():
         Y,
     )
     assert gross.passed and {r.path for r in gross.parameters.values()} == {"loop"}
+
+
+def test_a_cost_that_broadcasts_right_only_at_some_batch_sizes_is_caught():
+    """Verified on its first chunks, wrong at a later batch size (4 rows): never trusted there."""
+    (X, Y), params, grads = mlp_case(NP, None)
+
+    def cost(p, X, Y):
+        J = mlp.cost(p, X, Y)
+        return J * 1.5 if any(v.ndim == 3 and v.shape[0] == 4 for v in p.values()) else J
+
+    budget = 8 * 15 * 8  # 8 rows of W2 (15 elements) per call: its 60 rows end with a call of 4
+    report = gc.check(cost, params, grads, X, Y, memory_budget=budget)
+    assert report.passed, str(report)
+    assert report.parameters["W2"].path == "loop"
+    assert "(batch of 4)" in report.parameters["W2"].path_reason
+    assert report.parameters["b1"].path == "broadcast"
+    # (b3's 4 rows are its first chunk: refused at its own verification, before W2's last call)
+    with pytest.raises(gc.CostError, match=r"parameter 'b3' of shape \(1, 1\).* in a batch of 4 rows"):
+        gc.check(cost, params, grads, X, Y, memory_budget=budget, mode="stacked")
