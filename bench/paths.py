@@ -205,8 +205,8 @@ def main() -> None:
     options = parser.parse_args()
     q = options.quick
     rows = []
-    rows += loop_rows({"S": 5 if q else 21, "M": 1 if q else 5})
-    rows += overhead_rows({"M": 3 if q else 7, "L": 1 if q else 3})
+    rows += loop_rows({"S": 5 if q else 41, "M": 1 if q else 5})
+    rows += overhead_rows({"M": 3 if q else 15, "L": 1 if q else 3})
     rows += torch_rows(1 if q else 5, 1)
     rows += jax_rows(1 if q else 3, 1, ("S", "M"))
     width = max(len(r["row"]) for r in rows)

@@ -56,6 +56,7 @@ __all__ = [
     "MIN_CHUNK_ROWS",
     "MODES",
     "PATHS",
+    "VMAP_ROWS",
     "WHOLE_ROWS",
     "Chunk",
     "Path",
@@ -63,9 +64,11 @@ __all__ = [
     "Runner",
     "Stencil",
     "ThreadRunner",
+    "can_vmap",
     "central_differences",
     "choose_path",
     "chunk_bounds",
+    "contract",
     "coordinate_rows",
     "direction_rows",
     "evaluate_center",
@@ -656,7 +659,9 @@ def worker_count(workers: int) -> int:
 
 
 class ThreadRunner:
-    """A ``Runner`` that evaluates the chunks on ``workers`` threads of this process.
+    """A ``Runner`` that evaluates the chunks on ``workers`` threads of this process, each by
+    the path chosen for its tensor (a loop chunk's rows one call each: the cost is then
+    called from several threads at once).
 
     NumPy computes elementwise operations on one core and releases the GIL while it does;
     the stacked forward of a small network is mostly such operations (bias, ReLU, the
