@@ -16,6 +16,7 @@ import threading
 
 import numpy as np
 import pytest
+from array_api_compat import array_namespace
 from helpers import assert_on, host
 
 import gcbackend as gc
@@ -228,3 +229,25 @@ def test_every_backend_evaluates_on_the_workers_and_lands_back_on_its_device(cli
     assert_same_report(remote, local)
     assert_on(remote.parameters["W2"].numeric_grad, backend)
     assert np.isclose(remote.difference, 1.1890913024229996e-07)
+
+
+def _l2_over_everything(params, X, Y):
+    """Broadcasts in shape but sums the L2 term over all B copies: never used batched."""
+    xp = array_namespace(*params.values())
+    return mlp.cost(params, X, Y) + 0.1 * xp.sum(params["W2"] * params["W2"])
+
+
+@needs_dask
+def test_the_paths_chosen_here_travel_with_the_tasks(client):
+    # issue 12: W2's rows are looped on the workers as here, the other tensors broadcast.
+    X, Y, params = mlp.random_case([12, 10, 6, 1], 20, seed=3)
+    grads = mlp.backward(params, X, Y)
+    grads["W2"] = grads["W2"] + 0.2 * params["W2"]
+    options = {"memory_budget": 40 * 120 * 8}
+    local = gc.check(_l2_over_everything, params, grads, X, Y, **options)
+    remote = gc.check(_l2_over_everything, params, grads, X, Y, client=client, **options)
+    assert_same_report(remote, local)
+    assert local.passed
+    assert {name: r.path for name, r in remote.parameters.items()} == {
+        name: "loop" if name == "W2" else "broadcast" for name in params
+    }
