@@ -559,7 +559,7 @@ def _looped(stencil: Stencil, group: RowGroup, start: int, stop: int, *, xp: Mod
             raw = type(out)
             out = _as_costs(out, (), xp=xp, name=name, start=r, stop=r + 1, stacked=False)
             kind = raw if hasattr(raw, "shape") else None  # a Python float is converted every time
-        elif reuses:
+        elif reuses and not isinstance(out, float):  # (NumPy's float64 scalars are floats: immutable)
             out = xp.asarray(out, copy=True)  # a cost may return a view of the reused vector
         costs.append(out)
 
@@ -576,9 +576,8 @@ def _looped(stencil: Stencil, group: RowGroup, start: int, stop: int, *, xp: Mod
     params = group.single(vector)  # views of the vector: they see every write below
     for position, value, original, r in zip(positions, values, originals, range(start, stop)):
         vector[position] = value
-        out = _call(cost, params, args, name=name, start=r, stop=r + 1, stacked=False)
-        vector[position] = original
-        collect(out, r)
+        collect(_call(cost, params, args, name=name, start=r, stop=r + 1, stacked=False), r)
+        vector[position] = original  # after collect: the result may be a view of the vector
     if not bool(xp.all(vector == group.flat)):
         raise _Scribbled
     return xp.stack(costs)

@@ -560,3 +560,14 @@ def test_a_cost_that_broadcasts_right_only_at_some_batch_sizes_is_caught():
     # (b3's 4 rows are its first chunk: refused at its own verification, before W2's last call)
     with pytest.raises(gc.CostError, match=r"parameter 'b3' of shape \(1, 1\).* in a batch of 4 rows"):
         gc.check(cost, params, grads, X, Y, memory_budget=budget, mode="stacked")
+
+
+def test_a_looped_cost_returning_a_view_of_its_inputs_keeps_its_own_values(backend):
+    # The loop perturbs one reused vector in place: a result that is a view of it (J = w[0])
+    # must be copied before the element is written back.
+    xp = backend.xp
+    w = xp.asarray([0.5, -1.0, 2.0], dtype=xp.float64, device=backend.device)
+    grad = xp.asarray([1.0, 0.0, 0.0], dtype=xp.float64, device=backend.device)
+    report = gc.check(lambda theta: theta[..., 0], w, grad, mode="loop", **gc.NOTEBOOK)
+    assert report.passed and report.difference < 1e-9
+    assert host(report.parameters["theta"].numeric_grad).tolist() == pytest.approx([1.0, 0.0, 0.0], abs=1e-8)
