@@ -32,7 +32,7 @@ def check(
     epsilon: float | str = "auto",
     threshold: float | str = "auto",
     order: int = 2,
-    mode: str = "stacked",
+    mode: str = "auto",
     directions: int = 8,
     sample: int | None = None,
     seed: int = 0,
@@ -48,9 +48,10 @@ def check(
     Parameters
     ----------
     cost
-        ``cost(params, *args)`` → the scalar cost J. In ``mode="stacked"`` it must also accept
-        parameters with a leading batch axis (some tensors of shape (B, *shape)) and return
-        shape (B,); write it with broadcasting (``@``, reductions over trailing axes).
+        ``cost(params, *args)`` → the scalar cost J, written as you like. It is fastest when it
+        also accepts parameters with a leading batch axis (some tensors of shape (B, *shape))
+        and returns shape (B,) (broadcasting: ``@``, reductions over trailing axes); the
+        check verifies that before relying on it (see ``mode``).
     params
         A mapping name → array, one array or Python number (reported as ``"theta"``), or a
         tree: nested dicts, lists, tuples and NamedTuples of arrays, each leaf named by its
@@ -75,11 +76,17 @@ def check(
         2 (default) or 4: the 4-point stencil (±h, ±2h) of the same evaluations, at order
         2's step with an error bar no wider than order 2's (as sensitive, more accurate).
     mode
-        ``"stacked"`` (one cost call per chunk of perturbation rows), ``"loop"`` (one call
-        per row: the notebook's algorithm) or ``"directions"``: the fast screen, ``directions``
-        seeded unit Gaussian directions u per tensor, 4·k·(number of tensors) + 1 evaluations
-        whatever N is; its values are directional derivatives uᵀ∇J against uᵀg, reported
-        as ``direction k``.
+        ``"auto"`` (default): per tensor, the fastest path proved right for this cost —
+        ``broadcast`` (one call per chunk of rows, the tensor with a leading batch axis),
+        ``vmap`` (PyTorch ``torch.func.vmap``, JAX ``jax.vmap`` under ``jit``) or ``loop``;
+        a batched path is used only after its values agree with single calls, and the report
+        says which path each tensor took and why (``ParameterResult.path``). ``"stacked"``:
+        broadcast only, verified the same way, CostError where the cost does not broadcast.
+        ``"vmap"``: vmap only (PyTorch, JAX). ``"loop"``: one call per row, the notebook's
+        algorithm. ``"directions"``: the fast screen, ``directions`` seeded unit Gaussian
+        directions u per tensor (rows evaluated as in ``"auto"``), 4·k·(number of tensors) + 1
+        evaluations whatever N is; its values are directional derivatives uᵀ∇J against uᵀg,
+        reported as ``direction k``.
     sample, seed
         ``sample=k`` checks k seeded coordinates per tensor (every tensor covered); ``seed``
         seeds sampling and directions (never the user's RNG).
@@ -98,15 +105,15 @@ def check(
         ``gcbackend.distributed``). The cost and args are sent to each worker once, so they
         must be picklable (a module-level function, or a ``functools.partial`` of one);
         workers need gcbackend installed. The report is the one a local check gives.
-        Needs ``pip install 'gcbackend[dask]'``; not with ``mode="loop"``.
+        Needs ``pip install 'gcbackend[dask]'``. Paths are chosen here, on the first chunk
+        of each tensor, and the workers evaluate the other chunks the same way.
     workers
-        Threads that evaluate stacked chunks side by side in this process (1, the default:
+        Threads that evaluate chunks (batched or looped rows) side by side in this process (1, the default:
         none; -1: one per CPU). For NumPy on a multi-core CPU, whose elementwise operations
         use one core each: the cost is then called from several threads at once, so it
         must not mutate shared state; BLAS is held to one thread per call meanwhile. Each
         thread holds its own chunk, so up to ``workers × memory_budget`` bytes of perturbed
-        copies are live. The report equals the one-thread report. Not with ``mode="loop"``
-        or ``client=``.
+        copies are live. The report equals the one-thread report. Not with ``client=``.
 
     Returns
     -------
@@ -121,7 +128,8 @@ def check(
     InputError, InputTypeError
         Bad params, grads or options (the message names the parameter and the fix).
     CostError
-        The cost raised or broke the shape contract.
+        The cost raised, returned no scalar, or (``mode="stacked"``/``"vmap"``) its batched
+        values differ from single calls; the message names the parameter and the fix.
     BackendUnavailableError
         The backend is not installed or has no usable device.
     """
@@ -155,6 +163,7 @@ def check(
     elif (threads := engine.worker_count(int(workers))) > 1:
         runner = engine.ThreadRunner(threads, xp)
         notes.append(f"stacked chunks evaluated on {threads} threads (BLAS on 1 thread each)")
+    paths: dict = {}  # tensor → engine.Path, decided once per tensor for the whole check
     notebook = (
         epsilon != "auto" and threshold != "auto" and order == 2 and mode != "directions" and sample is None
     )
@@ -162,10 +171,11 @@ def check(
     evaluation = dict(
         layout=layout,
         xp=xp,
-        mode="loop" if mode == "loop" else "stacked",
+        mode="auto" if mode == "directions" else mode,
         memory_budget=budget,
         progress=bar.update,
         runner=runner,
+        paths=paths,
     )
     try:
         if notebook:
@@ -239,6 +249,7 @@ def check(
         coverage=coverage,
         allowance=allowance,
         grad_dtypes={name: g.dtype for name, g in analytic.items()},
+        paths={name: engine.path_of(paths, name) for name in parts},
     )
 
 

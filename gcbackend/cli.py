@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from . import NOTEBOOK, __version__, check
 from .backends import BACKEND_NAMES, resolve
+from .engine import MODES
 from .errors import GradCheckError
 from .models import linear, mlp
 
@@ -56,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = commands.add_parser("demo", help="run the course notebook's checks and print the reports")
     run.add_argument("--backend", default="numpy", help=f"one of {', '.join(BACKEND_NAMES)} (default numpy)")
     run.add_argument(
-        "--mode", default="stacked", choices=("stacked", "loop"), help="how the ±ε rows are evaluated"
+        "--mode",
+        default="auto",
+        choices=tuple(m for m in MODES if m != "directions"),
+        help="how the ±ε rows are evaluated (default auto: broadcast, vmap or loop, verified)",
     )
     run.add_argument(
         "--plot",

@@ -99,7 +99,7 @@ def estimate(
     steps: Mapping[str, Any],
     order: int,
     xp: ModuleType,
-    mode: str = "stacked",
+    mode: str = "unverified",
     memory_budget: int = engine.DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int], Any] | None = None,
     elements: Mapping[str, Any] | None = None,
@@ -108,6 +108,7 @@ def estimate(
     refine: int = REFINE_ROUNDS,
     center: Any = None,
     rounding: Any = None,
+    paths: dict | None = None,
 ) -> Estimate:
     """Derivatives with error bars from the stencil ±h, ±2h (and J(θ) once) in one pass.
 
@@ -122,12 +123,17 @@ def estimate(
     with a kink crossed within ±2h (see REFINE_FACTOR), and keep whichever estimate has
     the smaller error bar. A refinement round is passed J(θ) as ``center`` and δ as
     ``rounding``: both are the first round's, measured over every element.
+
+    ``paths`` (engine.stencil_costs) records how each tensor was evaluated; a batched path
+    accepted with a discrepancy d between batched and single values (``Path.discrepancy``)
+    moves each J by up to d, so each derivative's error bar includes d/h.
     """
     hops = None
     if directions is not None:
         # One step per tensor along unit directions: the values are true directional
         # derivatives uᵀ∇J, and a refinement round only shrinks the step.
         hops = {name: xp.max(xp.reshape(steps[name], (-1,))) for name in directions}
+    paths = {} if paths is None else paths
     grid = engine.stencil_costs(
         cost,
         parts,
@@ -142,6 +148,7 @@ def estimate(
         elements=elements,
         directions=None if directions is None else {name: u * hops[name] for name, u in directions.items()},
         runner=runner,
+        paths=paths,
     )
     if center is None:
         center = engine.evaluate_center(cost, layout.wrap(dict(parts)), args, xp=xp)
@@ -168,7 +175,9 @@ def estimate(
     delta = _rounding(center, fourth, stencils, xp) if rounding is None else rounding
     for name, (one, two, h, rise, fall, rise2, fall2, _) in stencils.items():
         # |D(h) − D(2h)| / 3 is D(h)'s truncation (Richardson); δ/h bounds its rounding.
-        central = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * delta / h
+        # An accepted batched path moves each J by up to its discrepancy d: d/h more error.
+        batch = engine.path_of(paths, name).discrepancy
+        central = xp.abs(one - two) / 3.0 + (1.0 if order == 2 else 1.5) * (delta + batch) / h
         is_kink = xp.reshape(_kinks(stencils[name], delta, xp), tuple(rise.shape))
         kink[name] = is_kink
         right, left = rise / h, fall / h
@@ -176,7 +185,8 @@ def estimate(
         # At a kink the one-sided slopes are what is compared: each is off by its own
         # truncation, h·J″/2 ≈ its change from h to 2h, and by 2δ/h of rounding.
         one_sided = (
-            xp.maximum(xp.abs(right - rise2 / (2 * h)), xp.abs(left - fall2 / (2 * h))) + 2.0 * delta / h
+            xp.maximum(xp.abs(right - rise2 / (2 * h)), xp.abs(left - fall2 / (2 * h)))
+            + 2.0 * (delta + batch) / h
         )
         error[name] = xp.where(kink[name], one_sided, central)
     first = Estimate(numeric, error, kink, low, high, float(to_host(delta)))
@@ -219,6 +229,7 @@ def estimate(
         refine=refine - 1,
         center=center,
         rounding=delta,
+        paths=paths,
         **narrower,
     )
     merged = {field: {} for field in ("numeric", "error", "kink", "low", "high")}

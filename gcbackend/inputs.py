@@ -272,26 +272,16 @@ def prepare(
     if not callable(cost):
         raise InputTypeError(f"cost must be callable as cost(params, *args), not {type(cost).__name__}")
     budget = _options(epsilon, threshold, mode, memory_budget, order, directions, sample, top_k)
-    if client is not None and mode == "loop":
-        raise InputError(
-            "client= spreads stacked chunks over Dask workers, but mode='loop' makes one call "
-            "per row on this machine; drop client=, or use mode='stacked' with a cost that broadcasts"
-        )
     if (
         not isinstance(workers, numbers.Integral)
         or isinstance(workers, bool)
         or not (workers >= 1 or workers == -1)
     ):
         raise InputError(f"workers={workers!r} must be a positive number of threads, or -1 for one per CPU")
-    if workers != 1 and (mode == "loop" or client is not None):
+    if workers != 1 and client is not None:
         raise InputError(
-            f"workers={workers} evaluates stacked chunks on threads, but "
-            + (
-                "mode='loop' makes one call per row"
-                if mode == "loop"
-                else "client= sends them to Dask workers"
-            )
-            + "; drop workers= (or use mode='stacked' without client=)"
+            f"workers={workers} evaluates chunks on threads, but client= sends them to Dask "
+            "workers; drop workers= (or client=)"
         )
     epsilon = epsilon if epsilon == "auto" else float(epsilon)
     threshold = threshold if threshold == "auto" else float(threshold)

@@ -266,6 +266,7 @@ def judge(
     coverage: Coverage,
     allowance: Mapping[str, Any] | None = None,
     grad_dtypes: Mapping[str, Any] | None = None,
+    paths: Mapping[str, Any] | None = None,
 ) -> Report:
     """Formula (2) overall and per parameter, verdicts, top-k; one transfer to the host.
 
@@ -277,7 +278,8 @@ def judge(
 
     Elements whose finite difference is NaN or Inf (the cost returned NaN/Inf at θ ± ε) are
     left out of every difference, on both sides, and listed in ``nonfinite``: the rest is
-    still judged, and the parameter fails.
+    still judged, and the parameter fails. ``paths`` (name → engine.Path) says how each
+    parameter's rows were evaluated; it is recorded in the results.
     """
     auto = threshold == "auto"
     names = tuple(parts)
@@ -389,6 +391,8 @@ def judge(
             top=top,
             kinks=kinks,
             checked=checked,
+            path=paths[name].name if paths else "",
+            path_reason=paths[name].reason if paths else "",
         )
 
     # The overall error bars: the per-parameter norms joined (hypot: no overflow on the host).

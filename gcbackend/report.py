@@ -48,6 +48,9 @@ class ParameterResult:
     device the check ran on (flat, for sampled and directional checks). ``kinks`` lists the
     elements at a kink, judged as subgradients; ``nonfinite`` the elements whose finite
     difference is NaN or Inf (left out of ``difference``; the parameter fails).
+    ``path`` says how its perturbed rows were evaluated (``"broadcast"``, ``"vmap"`` or
+    ``"loop"``) and ``path_reason`` why the faster paths were not taken ("" when none was
+    refused).
     """
 
     name: str
@@ -65,6 +68,8 @@ class ParameterResult:
     top: tuple[ElementError, ...] = ()
     kinks: tuple[tuple[int, ...], ...] = ()
     checked: int = 0
+    path: str = ""
+    path_reason: str = ""
 
     @property
     def passed(self) -> bool:
@@ -155,6 +160,21 @@ class Report:
             f"{_expected(self.parameters[n].expected) or 'not measured'})"
             for n in vague
         )
+
+    def _evaluation(self) -> str:
+        """One line saying how the rows were evaluated, when some parameter did not take the
+        broadcast path (or was refused a faster one); "" otherwise."""
+        results = list(self.parameters.values())
+        if all(p.path in ("", "broadcast") and not p.path_reason for p in results) or self.mode == "loop":
+            return ""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for p in results:
+            groups.setdefault((p.path, p.path_reason), []).append(p.name)
+        parts = [
+            f"{', '.join(names)} {path}" + (f" ({reason})" if reason else "")
+            for (path, reason), names in groups.items()
+        ]
+        return "evaluation: " + "; ".join(parts)
 
     def plot(self, ax: Any = None) -> Any:
         """Per-parameter differences on a log axis against the threshold (and the noise
@@ -378,6 +398,9 @@ def _view(report: Report) -> _View:
                 f"{p.name}: the cost returned NaN or Inf at θ ± ε for {len(p.nonfinite)} of "
                 f"{p.checked or p.size} elements, left out of the differences: {_listed(p.nonfinite, 8)}"
             )
+    evaluation = report._evaluation()
+    if evaluation:
+        lines.append(evaluation)
     lines.extend(f"note: {note}" for note in report.notes)
     return _View(header, COLUMNS, tuple(rows), tuple(kinds), tuple(lines))
 

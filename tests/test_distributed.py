@@ -17,9 +17,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+from array_api_compat import array_namespace
 from helpers import assert_on, host
 
 import gcbackend as gc
+from gcbackend import engine
 from gcbackend.models import mlp
 
 HAVE_DASK = all(importlib.util.find_spec(m) is not None for m in ("dask", "distributed"))
@@ -120,7 +122,9 @@ def test_inputs_travel_once_and_a_task_is_only_its_chunk_bounds(client, monkeypa
     ), tasks[:3]
     for name, p in params.items():  # every row of every tensor, once, in order
         spans = [(start, stop) for tensor, start, stop in tasks if tensor == name]
-        assert spans[0][0] == 0 and spans[-1][1] == 2 * p.size
+        # issue 12: each tensor's first chunk is evaluated here, to choose (and verify) its path.
+        bounds = engine.chunk_bounds(2 * p.size, p.size, 8, engine.DEFAULT_MEMORY_BUDGET, name)
+        assert spans == bounds[1:]
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
@@ -142,10 +146,11 @@ def _raising_cost(params, X, Y):
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_cost_that_raises_on_a_worker_gives_the_local_error(client, case):
     X, Y, params, grads = CASES[case]()
+    # issue 12: mode='stacked' (the default, mode='auto', would loop W2's rows)
     with pytest.raises(gc.CostError) as local:
-        gc.check(_raising_cost, params, grads, X, Y)
+        gc.check(_raising_cost, params, grads, X, Y, mode="stacked")
     with pytest.raises(gc.CostError) as remote:
-        gc.check(_raising_cost, params, grads, X, Y, client=client)
+        gc.check(_raising_cost, params, grads, X, Y, client=client, mode="stacked")
     assert str(remote.value) == str(local.value)
     assert "ValueError: W2 is broken" in str(remote.value) and "'W2'" in str(remote.value)
 
@@ -186,8 +191,10 @@ def test_bad_client_options_are_refused(client):
     X, Y, params, grads = _seed()
     with pytest.raises(gc.InputTypeError, match=r"dask\.distributed\.Client"):
         gc.check(mlp.cost, params, grads, X, Y, client="tcp://scheduler:8786")
-    with pytest.raises(gc.InputError, match="mode='loop'"):
-        gc.check(mlp.cost, params, grads, X, Y, client=client, mode="loop")
+    # issue 12: client= runs loop rows too (the path chosen here travels with the tasks).
+    looped = gc.check(mlp.cost, params, grads, X, Y, client=client, mode="loop")
+    assert looped.difference == gc.check(mlp.cost, params, grads, X, Y, mode="loop").difference
+    assert looped.parameters["W1"].path == "loop"
 
 
 def _dying_cost(params, X, Y, *, flag, driver):
@@ -279,3 +286,25 @@ def test_a_layer_check_on_the_cluster_is_the_local_one(client):
     )
     assert local.faults == ("w",)
     assert_same_report(remote, local)
+
+
+def _l2_over_everything(params, X, Y):
+    """Broadcasts in shape but sums the L2 term over all B copies: never used batched."""
+    xp = array_namespace(*params.values())
+    return mlp.cost(params, X, Y) + 0.1 * xp.sum(params["W2"] * params["W2"])
+
+
+@needs_dask
+def test_the_paths_chosen_here_travel_with_the_tasks(client):
+    # issue 12: W2's rows are looped on the workers as here, the other tensors broadcast.
+    X, Y, params = mlp.random_case([12, 10, 6, 1], 20, seed=3)
+    grads = mlp.backward(params, X, Y)
+    grads["W2"] = grads["W2"] + 0.2 * params["W2"]
+    options = {"memory_budget": 40 * 120 * 8}
+    local = gc.check(_l2_over_everything, params, grads, X, Y, **options)
+    remote = gc.check(_l2_over_everything, params, grads, X, Y, client=client, **options)
+    assert_same_report(remote, local)
+    assert local.passed
+    assert {name: r.path for name, r in remote.parameters.items()} == {
+        name: "loop" if name == "W2" else "broadcast" for name in params
+    }

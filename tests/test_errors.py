@@ -224,7 +224,10 @@ def test_invalid_threshold(threshold):
 
 @pytest.mark.parametrize("mode", ["fast", "Stacked", None])
 def test_unknown_mode(mode):
-    with pytest.raises(gc.InputError, match=rf"mode={mode!r} is unknown; use one of 'stacked', 'loop'"):
+    # issue 12: the modes are now 'auto' (the default), 'stacked', 'vmap', 'loop', 'directions'.
+    with pytest.raises(
+        gc.InputError, match=rf"mode={mode!r} is unknown; use one of 'auto', 'stacked', 'vmap', 'loop'"
+    ):
         check(lambda theta: theta, 1.0, 1.0, mode=mode)
 
 
@@ -308,8 +311,8 @@ def test_cost_non_scalar_in_loop_mode(backend):
 
 def test_cost_wrong_shape_for_a_stacked_batch(backend):
     X, Y, params, grads = _case(backend)
-    with pytest.raises(gc.CostError) as info:
-        check(_sum_over_everything, params, grads, X, Y)
+    with pytest.raises(gc.CostError) as info:  # issue 12: mode='auto' (the default) would loop
+        check(_sum_over_everything, params, grads, X, Y, mode="stacked")
     message = str(info.value)
     assert "the cost returned shape ()" in message and "perturbing parameter 'W1'" in message
     assert "leading batch axis" in message and "broadcast" in message  # the contract
@@ -341,8 +344,8 @@ def test_cost_raising_inside_a_stacked_pass(backend):
             raise ValueError("matmul: shapes do not align")
         return mlp.cost(params, X, Y)
 
-    with pytest.raises(gc.CostError) as info:
-        check(cost, params, grads, X, Y)
+    with pytest.raises(gc.CostError) as info:  # issue 12: mode='auto' (the default) would loop
+        check(cost, params, grads, X, Y, mode="stacked")
     error = info.value
     assert isinstance(error.__cause__, ValueError) and "do not align" in str(error.__cause__)
     message = str(error)
@@ -496,7 +499,6 @@ def test_the_documented_hierarchy():
 
 # Messages of the cost's own failures are the engine's (issue #12, "Any cost as written"):
 # pinned here as the reader needs them; #12's merge makes them pass (then drop the xfail).
-ENGINE_MESSAGES = pytest.mark.xfail(reason="cost messages are issue #12's (engine.py)", strict=False)
 
 
 def _cost_error(cost) -> str:
@@ -506,7 +508,6 @@ def _cost_error(cost) -> str:
     return str(caught.value)
 
 
-@ENGINE_MESSAGES
 def test_a_cost_that_forgets_return_is_told_it_returned_none():
     def cost(params, X, Y):
         mlp.cost(params, X, Y)  # no return
@@ -516,7 +517,6 @@ def test_a_cost_that_forgets_return_is_told_it_returned_none():
     assert "shape ()" not in message and "leading batch axis" not in message
 
 
-@ENGINE_MESSAGES
 @pytest.mark.parametrize("mistake", ["KeyError", "TypeError"])
 def test_a_cost_that_raises_on_its_own_gets_no_batching_essay(mistake):
     def cost(params, X, Y):
