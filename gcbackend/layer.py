@@ -13,6 +13,7 @@ returns. ``check_layer`` draws that ``dout`` (seeded), builds J and hands everyt
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,7 +91,10 @@ class LayerCost:
     slots: tuple[str | None, ...]
 
     def __call__(self, params: dict[str, Any], dout: Any, *constants: Any) -> Any:
-        remaining = iter(constants)
+        # Containers among the constants (a bn_param dict whose running_mean the forward
+        # updates, as CS231n's batch norm does) are copied per call: one evaluation's state
+        # never reaches the next, and a batched or vmapped value never escapes into them.
+        remaining = iter(copy.copy(c) if isinstance(c, (dict, list)) else c for c in constants)
         inputs = [params[slot] if slot is not None else next(remaining) for slot in self.slots]
         out = _out(self.forward(*inputs))
         if not array_api_compat.is_array_api_obj(out):
@@ -201,7 +205,10 @@ def check_layer(
 
 
 def _copy(value: Any) -> Any:
-    """A fresh copy of an array (any library), anything else as it is."""
+    """A fresh copy of an array (any library), a shallow copy of a dict or list constant
+    (a bn_param the forward writes its running mean into), anything else as it is."""
+    if isinstance(value, (dict, list)):
+        return copy.copy(value)
     if not is_array(value):
         return value
     return to_backend(value, resolve(None, [value]))

@@ -22,7 +22,7 @@ from gcbackend.backends import to_backend
 # These layers are written for one point, as the course writes them; check()'s stacked
 # evaluation would hand them a leading batch axis. Until "auto" (verify, else vmap, else
 # loop) is check()'s default, they are checked one row per call.
-LOOP = {"mode": "loop"}
+LOOP: dict = {}  # the default mode="auto" checks CS231n-style layers as written
 
 
 def _rng(seed=0):
@@ -271,9 +271,13 @@ def _bn_inputs(backend):
 
 def test_batchnorm_in_training_mode_passes(backend):
     x, gamma, beta, bn_param = _bn_inputs(backend)
+    keys = set(bn_param)
     report = gc.check_layer(batchnorm_forward, batchnorm_backward, x, gamma, beta, bn_param, **LOOP)
     assert report.verdict == "pass" and tuple(report.parameters) == ("x", "gamma", "beta")
     assert_on(report.parameters["gamma"].numeric_grad, backend)
+    # The forward stores running_mean in bn_param at every call: into per-call copies, never
+    # into the caller's dict (and never a batched or vmapped value that escapes its call).
+    assert set(bn_param) == keys and "running_mean" not in keys
 
 
 def test_batchnorm_planted_bug_is_localised_to_x(backend):
