@@ -124,6 +124,7 @@ class _Elements(NamedTuple):
     worst: Any  # flat indices of the top-k errors, worst first (ties by index)
     nonfinite: Any  # mask
     kinks: Any  # mask
+    unbracketed: Any  # mask: at a kink, the analytic value outside the one-sided slopes
     tolerance: Any  # per element, the largest |a − n| still judged noise (SAFETY × error bar + allowance)
 
 
@@ -184,7 +185,7 @@ def _elements(analytic, numeric, estimate_fields, allowance, top_k, xp) -> _Elem
         ]
     )
     worst = xp.argsort(xp.abs(gap), descending=True, stable=True)[: min(top_k, a.shape[0])]
-    return _Elements(a, n, stats, worst, ~finite, kink, SAFETY * err + slack)
+    return _Elements(a, n, stats, worst, ~finite, kink, at_kink, SAFETY * err + slack)
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -200,23 +201,24 @@ def _limits(noise: float, allowance: float, floor: float) -> tuple[float, float]
     return noise + allowance, max(SAFETY * noise + allowance, floor)
 
 
-def _auto_verdict(stats: Mapping[str, float], size: float, threshold: float, directions: bool) -> str:
+def _auto_verdict(stats: Mapping[str, float], size: float, threshold: float) -> str:
     """A parameter's verdict from its own error bars (threshold='auto').
 
-    Along a random direction through kinks of both signs (a convex ReLU term and a concave
-    one), a correct gradient's uᵀg can lie outside the one-sided directional derivatives:
-    the fast screen cannot tell there, and says so (inconclusive) rather than fail."""
-    if stats["nonfinite"] or stats["outliers"] or (stats["kink_outliers"] and not directions):
+    A smooth element off by more than its error bar fails the parameter, whatever its
+    neighbours. A kink element whose analytic value lies outside its one-sided slopes is no
+    proof of a bug: where kinks of both signs meet (overlapping max-pool windows with tied
+    maxima, ReLUs entering with both signs, a random direction through both), a correct
+    generalized gradient, e.g. PyTorch's max-pool, can lie there. Such a parameter is
+    inconclusive (never a pass), unless its smooth elements fail it."""
+    if stats["nonfinite"] or stats["outliers"]:
         return "fail"
-    if stats["kink_outliers"]:
-        return "inconclusive"
     smooth_difference = _ratio(stats["smooth_gap"], size)
     noise = _ratio(stats["noise"], size)
     if not all(math.isfinite(v) for v in (*stats.values(), size, threshold, smooth_difference, noise)):
         return "inconclusive"  # never a pass: the numbers cannot tell
     if smooth_difference > threshold:
         return "fail"
-    return "inconclusive" if noise > INCONCLUSIVE else "pass"
+    return "inconclusive" if stats["kink_outliers"] or noise > INCONCLUSIVE else "pass"
 
 
 def _notebook_verdicts(
@@ -362,8 +364,17 @@ def judge(
             if stats["nonfinite"]
             else ()
         )
+        unbracketed = (
+            tuple(coverage.label(name, i[0], shape) for i in _indices(elements.unbracketed, (checked,)))
+            if stats["kink_outliers"]
+            else ()
+        )
         kinks = (
-            tuple(coverage.label(name, i[0], shape) for i in _indices(elements.kinks, (checked,)))
+            tuple(
+                label
+                for i in _indices(elements.kinks, (checked,))
+                if (label := coverage.label(name, i[0], shape)) not in unbracketed
+            )
             if stats["kinks"]
             else ()
         )
@@ -384,12 +395,11 @@ def judge(
             if coverage.kind != "elements"
             else xp.reshape(elements.numeric, shape),
             nonfinite=nonfinite,
-            verdict=_auto_verdict(stats, size, limit, coverage.kind == "directions")
-            if estimate is not None
-            else None,
+            verdict=_auto_verdict(stats, size, limit) if estimate is not None else None,
             expected=expected if estimate is not None else None,
             top=top,
             kinks=kinks,
+            unbracketed=unbracketed,
             checked=checked,
             path=paths[name].name if paths else "",
             path_reason=paths[name].reason if paths else "",

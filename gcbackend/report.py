@@ -67,6 +67,9 @@ class ParameterResult:
     expected: float | None = None
     top: tuple[ElementError, ...] = ()
     kinks: tuple[tuple[int, ...], ...] = ()
+    unbracketed: tuple[tuple[int, ...], ...] = ()
+    """Elements at a kink whose analytic value lies outside the one-sided slopes: no proof of
+    a bug where kinks of both signs meet, so the parameter is inconclusive (never a pass)."""
     checked: int = 0
     path: str = ""
     path_reason: str = ""
@@ -381,13 +384,34 @@ def _view(report: Report) -> _View:
         for name in culprits:
             lines.extend(_element_lines(report, name))
     else:
-        vague = [p.name for p in report.parameters.values() if p.verdict == "inconclusive"]
+        vague = [p for p in report.parameters.values() if p.verdict == "inconclusive"]
+        noisy = [p.name for p in vague if not p.unbracketed]
+        kinked = [p.name for p in vague if p.unbracketed]
+        reasons = []
+        if noisy:
+            reasons.append(
+                f"the finite differences are too noisy at this precision to tell for {', '.join(noisy)} "
+                "(a correct gradient would show the 'expected' column): try float64 or a larger epsilon"
+            )
+        if kinked:
+            reasons.append(
+                f"{', '.join(kinked)} {'has elements' if len(kinked) == 1 else 'have elements'} on "
+                "kinks that a correct gradient can also leave (listed below)"
+            )
+        if not reasons:
+            reasons.append("some numbers of the judgement are not finite")
         lines.append(
-            f"{INCONCLUSIVE_SENTENCE} difference = {report.difference!r}; the finite differences "
-            f"are too noisy at this precision to tell for {', '.join(vague)} (a correct gradient "
-            "would show the 'expected' column). Try float64 or a larger epsilon."
+            f"{INCONCLUSIVE_SENTENCE} difference = {report.difference!r}; " + "; ".join(reasons) + "."
         )
     for p in report.parameters.values():
+        if p.unbracketed:
+            lines.append(
+                f"{p.name}: {len(p.unbracketed)} element(s) on a kink where the analytic value lies "
+                f"outside the one-sided slopes: {_listed(p.unbracketed)}. Where kinks of both signs "
+                "meet (overlapping max-pool windows with tied maxima, ReLUs entering with both signs) "
+                "a correct gradient can do that, so they cannot be judged here: move the inputs off "
+                "the kinks (e.g. add a little noise) and check again"
+            )
         if p.kinks:
             lines.append(
                 f"{p.name}: {len(p.kinks)} element(s) at a kink, judged as subgradients "

@@ -54,8 +54,17 @@ def test_relu_with_exact_zeros_passes_and_finds_every_kink(backend, shape, zeros
     assert report.verdict == "pass", str(report)
     assert len(report.parameters["theta"].kinks) == zeros
     wrong = (x > 0) * dout
-    wrong.reshape(-1)[np.flatnonzero(x.reshape(-1) == 0)[0]] = 2 * abs(dout.reshape(-1)).max() + 1
-    assert gc.check(layer, _on(backend, x), _on(backend, wrong)).verdict == "fail"
+    at = np.flatnonzero(x.reshape(-1) == 0)[0]
+    wrong.reshape(-1)[at] = 2 * abs(dout.reshape(-1)).max() + 1
+    # Outside the one-sided slopes at a kink: never a pass, but no proof of a bug either (a
+    # correct gradient can be there where kinks of both signs meet: tied max-pool windows).
+    judged = gc.check(layer, _on(backend, x), _on(backend, wrong))
+    assert judged.verdict == "inconclusive", str(judged)
+    assert judged.parameters["theta"].unbracketed == (tuple(int(i) for i in np.unravel_index(at, shape)),)
+    if (x > 0).any():  # a wrong smooth element next to the kinks still fails
+        smooth = (x > 0) * dout
+        smooth.reshape(-1)[np.flatnonzero(x.reshape(-1) > 0)[0]] *= 1.01
+        assert gc.check(layer, _on(backend, x), _on(backend, smooth)).verdict == "fail"
 
 
 def test_abs_with_exact_zeros_passes(backend):
@@ -286,7 +295,7 @@ def test_inconclusive_no_longer_recommends_order_4(backend):
     report = gc.check(noisy, theta, 2 * theta)
     assert report.verdict == "inconclusive"
     assert (
-        "Try float64 or a larger epsilon." in str(report) and "order=4" not in str(report).split("\n", 1)[1]
+        "try float64 or a larger epsilon." in str(report) and "order=4" not in str(report).split("\n", 1)[1]
     )
 
 
