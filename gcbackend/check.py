@@ -188,6 +188,7 @@ def check(
                 parts,
                 analytic,
                 chosen,
+                dtypes=prepared.dtypes,
                 epsilon=epsilon,
                 mode=mode,
                 directions=directions,
@@ -203,7 +204,8 @@ def check(
                 cost,
                 parts,
                 moved_args,
-                steps=_steps(parts, epsilon, chosen),
+                steps=_steps(parts, epsilon, chosen, prepared.dtypes),
+                exact_in=prepared.dtypes,
                 order=order,
                 refine=differences.REFINE_ROUNDS if epsilon == "auto" else 0,
                 elements=plan.elements,
@@ -283,12 +285,16 @@ class _NoBar:
         pass
 
 
-def _steps(parts, epsilon, chosen):
-    """Per-element steps: automatic (order 2's, see check) or the user's epsilon everywhere."""
+def _steps(parts, epsilon, chosen, dtypes):
+    """Per-element steps, exact in each parameter's own dtype (``differences.snap``):
+    automatic (order 2's, see check) or the user's epsilon everywhere."""
+    xp = chosen.xp
     if epsilon == "auto":
-        return differences.auto_steps(parts, order=2, xp=chosen.xp)
+        return differences.auto_steps(parts, order=2, xp=xp, exact_in=dtypes)
     return {
-        name: chosen.xp.full(tuple(p.shape), epsilon, dtype=p.dtype, device=chosen.device)
+        name: differences.snap(
+            p, xp.full(tuple(p.shape), epsilon, dtype=p.dtype, device=chosen.device), dtypes[name], xp
+        )
         for name, p in parts.items()
     }
 
@@ -304,10 +310,13 @@ class _Plan(NamedTuple):
     directions: dict[str, Any] | None = None  # name → (k, n) seeded unit directions
 
 
-def _plan(parts, analytic, chosen, *, epsilon, mode, directions, sample, seed, notes) -> _Plan:
-    """Every element, a seeded sample per tensor, or seeded unit directions per tensor."""
+def _plan(parts, analytic, chosen, *, dtypes, epsilon, mode, directions, sample, seed, notes) -> _Plan:
+    """Every element, a seeded sample per tensor, or seeded unit directions per tensor.
+    ``dtypes``: each parameter's own dtype, the coarsest its backprop may be computed in."""
     xp = chosen.xp
-    rounding = {name: judge.backprop_rounding(g, xp) for name, g in analytic.items()}
+    rounding = {
+        name: judge.backprop_rounding(g, xp, computed_in=dtypes[name]) for name, g in analytic.items()
+    }
     rng = host_random(seed)
     if mode == "directions":
         units, targets, allowance = {}, {}, {}

@@ -52,22 +52,43 @@ REFINE_ROUNDS = 2
 """Refinement rounds with epsilon='auto' (a step the user chose is never changed)."""
 
 
-def auto_steps(parts: Mapping[str, Any], *, order: int, xp: ModuleType) -> dict[str, Any]:
+def auto_steps(
+    parts: Mapping[str, Any], *, order: int, xp: ModuleType, exact_in: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Per-element steps h = (1000·eps)^(1/3)·max(1, |θ|) (power 1/5 for order 4), θ + h exact.
 
     The power balances truncation (∝ h^order) against rounding (∝ δ/h); see STEP_ROUNDING.
     check() judges order=4 at order 2's step: its error bar is measured from D(h) − D(2h),
     which at the larger order-4 step made it 100–1000× less sensitive than order 2.
     Rounding h to (θ + h) − θ makes θ + h exactly representable, so the step the cost sees
-    is the step the quotient divides by.
+    is the step the quotient divides by; ``exact_in`` (see ``snap``) makes it exact in a
+    parameter's own, narrower dtype too.
     """
     steps = {}
     for name, theta in parts.items():
         eps = STEP_ROUNDING * float(xp.finfo(theta.dtype).eps)
         base = eps ** (1.0 / 3.0 if order == 2 else 1.0 / 5.0)
         h = base * xp.maximum(xp.abs(theta), xp.ones_like(theta))
-        steps[name] = (theta + h) - theta
+        steps[name] = snap(theta, h, None if exact_in is None else exact_in.get(name), xp)
     return steps
+
+
+def snap(theta: Any, h: Any, dtype: Any, xp: ModuleType) -> Any:
+    """The step nearest h with θ + h exactly representable in θ's dtype and in ``dtype``.
+
+    A float32 parameter is evaluated in float64 (upcast), but a cost may cast it back
+    (``W.astype(np.float32)``, ``.float()``): it then sees θ + h rounded to float32, a step
+    off by up to half an ulp of float32 — 5e-4 of h, the same at h and 2h, so no error bar
+    sees it, and a correct float32 backprop failed. Snapped in float32, the step it sees is h.
+    """
+    wide = (theta + h) - theta
+    if dtype is None or dtype == theta.dtype:
+        return wide
+    narrow = xp.astype(theta, dtype)
+    snapped = xp.astype(narrow + xp.astype(h, dtype), theta.dtype) - theta
+    # Where the narrow dtype cannot hold a step near h (float16's ulp at |θ| ~ 1 is 1e-3,
+    # above the float64 step), the step the check chose stands.
+    return xp.where((snapped >= 0.5 * wide) & (snapped <= 2.0 * wide), snapped, wide)
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,7 @@ def estimate(
     center: Any = None,
     rounding: Any = None,
     paths: dict | None = None,
+    exact_in: Mapping[str, Any] | None = None,
 ) -> Estimate:
     """Derivatives with error bars from the stencil ±h, ±2h (and J(θ) once) in one pass.
 
@@ -124,6 +146,7 @@ def estimate(
     the smaller error bar. A refinement round is passed J(θ) as ``center`` and δ as
     ``rounding``: both are the first round's, measured over every element.
 
+    ``exact_in`` (name → the parameter's own dtype) keeps refined steps exact there (``snap``).
     ``paths`` (engine.stencil_costs) records how each tensor was evaluated; a batched path
     accepted with a discrepancy d between batched and single values (``Path.discrepancy``)
     moves each J by up to d, so each derivative's error bar includes d/h.
@@ -208,7 +231,12 @@ def estimate(
         )
         for (name, flag), m in zip(flags.items(), suspects.values())
     }
-    narrower = dict(steps={name: (p + steps[name] / REFINE_FACTOR) - p for name, p in parts.items()})
+    narrower = dict(
+        steps={
+            name: snap(p, steps[name] / REFINE_FACTOR, None if exact_in is None else exact_in.get(name), xp)
+            for name, p in parts.items()
+        }
+    )
     if directions is None:
         narrower["elements"] = {
             name: at if elements is None else take(elements[name], at, xp) for name, at in where.items()
@@ -230,6 +258,7 @@ def estimate(
         center=center,
         rounding=delta,
         paths=paths,
+        exact_in=exact_in,
         **narrower,
     )
     merged = {field: {} for field in ("numeric", "error", "kink", "low", "high")}

@@ -573,9 +573,12 @@ def _looped(stencil: Stencil, group: RowGroup, start: int, stop: int, *, xp: Mod
         return xp.stack(costs)
     positions, values, originals = group.points(start, stop)
     vector = xp.asarray(group.flat, copy=True)
-    params = group.single(vector)  # views of the vector: they see every write below
     for position, value, original, r in zip(positions, values, originals, range(start, stop)):
         vector[position] = value
+        # A new container each call (of views of the vector, which see every write): a cost
+        # that rebinds an entry (params["W"] = np.array(params["W"])) must not hand that
+        # stale array to the next call, as the notebook's fresh dict per row never does.
+        params = group.single(vector)
         collect(_call(cost, params, args, name=name, start=r, stop=r + 1, stacked=False), r)
         vector[position] = original  # after collect: the result may be a view of the vector
     if not bool(xp.all(vector == group.flat)):

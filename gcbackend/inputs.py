@@ -242,6 +242,9 @@ class Prepared(NamedTuple):
     threshold: float | str
     budget: int
     notes: list[str]
+    dtypes: dict[str, Any]
+    """name → the parameter's dtype as given (before upcasting): the precision its forward
+    pass (and so its backprop) may be computed in."""
 
 
 def prepare(
@@ -331,6 +334,7 @@ def prepare(
     notes: list[str] = []
     # Validation and the memory budget in the dtype the cost will be evaluated in: an epsilon
     # too small for float32 is fine once θ is float64, and float64 copies take twice the bytes.
+    dtypes = {name: part.dtype for name, part in parts.items()}
     parts, moved_args = _upcast(parts, moved_args, xp, notes) if upcast else (parts, moved_args)
     _require_valid(parts, analytic, epsilon, xp)
     if mode != "loop":
@@ -339,7 +343,7 @@ def prepare(
     layout = Layout(
         tuple(parts), tuple(tuple(p.shape) for p in parts.values()), single=single, treedef=tree.treedef
     )
-    return Prepared(chosen, parts, analytic, moved_args, layout, epsilon, threshold, budget, notes)
+    return Prepared(chosen, parts, analytic, moved_args, layout, epsilon, threshold, budget, notes, dtypes)
 
 
 def _upcast(parts, args, xp, notes):

@@ -87,15 +87,23 @@ def norm(x: Any, xp: Any) -> Any:
     return scale * xp.linalg.vector_norm(flat / scale)
 
 
-def backprop_rounding(grad: Any, xp: Any) -> Any:
+def backprop_rounding(grad: Any, xp: Any, *, computed_in: Any = None) -> Any:
     """Per element, how far rounding may move a correct backprop: ANALYTIC_ULPS ulps of the
-    gradient's own dtype, relative to |g_j| + rms(g) (rms computed scale-safe), in float64
-    where the namespace has it."""
+    coarser of the gradient's own dtype and ``computed_in`` (the parameter's dtype: a float64
+    gradient computed from a float32 forward pass, e.g. through the course's
+    ``np.int64(A > 0)`` mask, carries float32's rounding), relative to |g_j| + rms(g) (rms
+    computed scale-safe), in float64 where the namespace has it."""
     wide = _wide(grad, xp)
     magnitude = xp.abs(wide)
     scale = _power_of_two(xp.max(magnitude), xp)
     rms = scale * xp.linalg.vector_norm(magnitude / scale) / math.sqrt(max(math.prod(grad.shape), 1))
-    return ANALYTIC_ULPS * float(xp.finfo(grad.dtype).eps) * (magnitude + rms)
+    eps = float(xp.finfo(grad.dtype).eps)
+    # Only the promotion NumPy does silently (a float32 forward, a float64 gradient through
+    # an int64 mask or a float64 constant): a float16 parameter's 32 ulps would be 3 %, and
+    # a gradient given in float32 is held to float32's resolution.
+    if computed_in is not None and xp.finfo(grad.dtype).bits == 64 and xp.finfo(computed_in).bits == 32:
+        eps = float(xp.finfo(computed_in).eps)
+    return ANALYTIC_ULPS * eps * (magnitude + rms)
 
 
 def _wide(x: Any, xp: Any) -> Any:

@@ -69,6 +69,15 @@ def _is_float_out(out: Any) -> bool:
     return array_api_compat.array_namespace(out).isdtype(out.dtype, "real floating")
 
 
+def _loss_as_array(out: Any, dout: Any) -> Any:
+    """A loss returned as a Python float (``float(loss)``, ``loss.item()``) as a 0-d array
+    like ``dout``; anything else as it is."""
+    if isinstance(out, float):
+        xp = array_api_compat.array_namespace(dout)
+        return xp.asarray(out, dtype=dout.dtype, device=array_api_compat.device(dout))
+    return out
+
+
 def _out(result: Any) -> Any:
     """``out`` of forward's result: ``out`` itself, or the first of ``(out, cache)``."""
     return result[0] if isinstance(result, tuple) else result
@@ -92,11 +101,11 @@ class LayerCost:
 
     def __call__(self, params: dict[str, Any], dout: Any, *constants: Any) -> Any:
         # Containers among the constants (a bn_param dict whose running_mean the forward
-        # updates, as CS231n's batch norm does) are copied per call: one evaluation's state
+        # updates, as CS231n's batch norm does, in place or not) are copied per call: one evaluation's state
         # never reaches the next, and a batched or vmapped value never escapes into them.
-        remaining = iter(copy.copy(c) if isinstance(c, (dict, list)) else c for c in constants)
+        remaining = iter(copy.deepcopy(c) if isinstance(c, (dict, list)) else c for c in constants)
         inputs = [params[slot] if slot is not None else next(remaining) for slot in self.slots]
-        out = _out(self.forward(*inputs))
+        out = _loss_as_array(_out(self.forward(*inputs)), dout)
         if not array_api_compat.is_array_api_obj(out):
             raise CostError(
                 f"forward returned {type(out).__name__} as out; it must return an array "
@@ -177,6 +186,9 @@ def check_layer(
             "concatenated) and its backward splits dout back"
         )
     out = _out(result)
+    if isinstance(out, float):  # a loss returned as float(loss) or loss.item()
+        first = next(value for name, value in zip(names, inputs) if name in checked)
+        out = to_backend(out, resolve(None, [first]), dtype=first.dtype)
     if not _is_float_out(out):
         raise CostError(
             f"forward returned {out.dtype if is_array(out) else type(out).__name__} as out; "
@@ -201,14 +213,22 @@ def check_layer(
     constants = tuple(value for name, value in zip(names, inputs) if name not in checked)
     slots = tuple(name if name in checked else None for name in names)
     cost = LayerCost(forward, slots)
+    if options.get("backend") is None:
+        # The library of the checked inputs, not of the constants: NumPy labels next to torch
+        # inputs are moved to torch (as check() moves every array arg), not refused as a mix.
+        try:
+            options["backend"] = array_api_compat.array_namespace(*params.values())
+        except TypeError:
+            pass  # checked inputs of several libraries: check() says so
     return check(cost, params, dict(zip(checked, grads)), dout, *constants, seed=seed, **options)
 
 
 def _copy(value: Any) -> Any:
     """A fresh copy of an array (any library), a shallow copy of a dict or list constant
-    (a bn_param the forward writes its running mean into), anything else as it is."""
+    (a bn_param the forward writes its running mean into, arrays inside it too), anything else
+    as it is."""
     if isinstance(value, (dict, list)):
-        return copy.copy(value)
+        return copy.deepcopy(value)
     if not is_array(value):
         return value
     return to_backend(value, resolve(None, [value]))

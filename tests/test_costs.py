@@ -571,3 +571,21 @@ def test_a_looped_cost_returning_a_view_of_its_inputs_keeps_its_own_values(backe
     report = gc.check(lambda theta: theta[..., 0], w, grad, mode="loop", **gc.NOTEBOOK)
     assert report.passed and report.difference < 1e-9
     assert host(report.parameters["theta"].numeric_grad).tolist() == pytest.approx([1.0, 0.0, 0.0], abs=1e-8)
+
+
+def _rebinding_cost(p, X, Y):
+    """Writes a defensive copy back into the params it receives, and returns a float (loops)."""
+    p["W"] = np.array(p["W"])
+    return 0.5 * float(np.sum((X @ p["W"] - Y) ** 2))
+
+
+def test_a_cost_that_rebinds_an_entry_of_its_params_is_judged_right():
+    # The loop hands every call a new container: the rebound (stale) array never reaches
+    # the next row, where it froze J and an all-zero gradient "passed".
+    rng = np.random.default_rng(0)
+    X, Y, W = rng.standard_normal((5, 3)), rng.standard_normal(5), rng.standard_normal(3)
+    correct = X.T @ (X @ W - Y)
+    assert gc.check(_rebinding_cost, {"W": W}, {"W": correct}, X, Y).verdict == "pass"
+    zero = gc.check(_rebinding_cost, {"W": W}, {"W": np.zeros(3)}, X, Y)
+    assert zero.verdict == "fail" and zero.faults == ("W",)
+    assert zero.parameters["W"].path == "loop"

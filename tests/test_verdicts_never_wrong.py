@@ -312,3 +312,40 @@ def test_fast_screen_error_strip_is_titled_by_directions(backend):
     import matplotlib.pyplot as plt
 
     plt.close(ax.figure)
+
+
+# Found by an audit of costs written as users write them (float32 models).
+@pytest.mark.parametrize("seed", range(6))
+def test_a_float32_cost_that_casts_its_weights_back_is_judged_right(seed):
+    # Upcast to float64, θ ± h must still be exact in float32: the cost rounds it there, and
+    # a step off by half a float32 ulp (5e-4 of h, the same at h and 2h) failed a correct backprop.
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((8, 3)).astype(np.float32)
+    w = rng.standard_normal(3).astype(np.float32)
+
+    def cost(w, X):
+        return np.sum(np.tanh(X @ w.astype(np.float32)))
+
+    g = X.T @ (1 - np.tanh(X @ w) ** 2)
+    assert gc.check(cost, w, g, X).verdict == "pass"
+    g[0] *= 1.01
+    assert gc.check(cost, w, g, X).verdict == "fail"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_float64_gradient_from_a_float32_forward_is_allowed_float32s_rounding(seed):
+    # The course's np.int64(A > 0) mask promotes a float32 backprop to float64; its errors
+    # are float32's, and it is judged to the coarser of its own and its parameter's dtype.
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((4, 6)).astype(np.float32)
+    W = rng.standard_normal((3, 4)).astype(np.float32)
+
+    def cost(p, X):
+        return np.sum(np.maximum(p["W"] @ X, 0) ** 2) / 2
+
+    Z = W @ X
+    dW = (Z * np.int64(Z > 0)) @ X.T
+    assert dW.dtype == np.float64
+    assert gc.check(cost, {"W": W}, {"W": dW}, X).verdict == "pass"
+    dW[0, 0] *= 1.01
+    assert gc.check(cost, {"W": W}, {"W": dW}, X).verdict == "fail"
