@@ -258,6 +258,11 @@ def _as_costs(out: Any, expected: tuple[int, ...], *, xp, name, start, stop, sta
             f"{name!r}); return only the cost J, e.g. lambda params, *args: f(params, *args)[0]"
         )
 
+    if isinstance(out, (str, bytes)):
+        raise CostError(
+            f"the cost returned a {type(out).__name__} (at rows {start}..{stop - 1} perturbing "
+            f"{name!r}); return the cost J as a number or an array of the parameters' library"
+        )
     if not hasattr(out, "shape"):
         try:
             # A Python float is a float64; xp's default float may be float32 (torch's is).
@@ -275,6 +280,10 @@ def _as_costs(out: Any, expected: tuple[int, ...], *, xp, name, start, stop, sta
             "with the namespace of its inputs (array_api_compat.array_namespace(...)) or pass "
             "backend= to run the check on the library the cost uses"
         )
+    if not stacked and expected == () and tuple(out.shape) != () and math.prod(tuple(out.shape)) == 1:
+        # J as a 1-element array: the course's np.dot(Y, np.log(A).T) is (1, 1), torch's
+        # sum(0, keepdim=True) is (1,). One number, unambiguous: taken as J.
+        out = xp.reshape(out, ())
     if tuple(out.shape) != expected:
         what = "a batch of" if stacked else "one unbatched evaluation at"
         raise CostError(
@@ -718,7 +727,14 @@ def evaluate_center(cost: Callable[..., Any], params: Any, args: tuple[Any, ...]
         params = _copied(params, xp)
     args = tuple(_copied(a, xp) for a in args)
     out = _call(cost, params, args, name="(none: J at θ)", start=0, stop=1, stacked=False)
-    return _as_costs(out, (), xp=xp, name="(none: J at θ)", start=0, stop=1, stacked=False)
+    value = _as_costs(out, (), xp=xp, name="(none: J at θ)", start=0, stop=1, stacked=False)
+    if not bool(xp.isfinite(value)):  # one sync per check: every difference would be meaningless
+        raise CostError(
+            f"the cost is {float(value)} at θ itself, before any step: there is nothing to compare "
+            "the gradients with; check the cost at these parameters and args (a log of 0, a "
+            "division by 0, an overflow)"
+        )
+    return value
 
 
 class _Refused(Exception):

@@ -303,9 +303,19 @@ def _sum_over_everything(params, X, Y):
 def test_cost_non_scalar_in_loop_mode(backend):
     X, Y, params, grads = _case(backend)
     with pytest.raises(gc.CostError) as info:
-        check(lambda p, X, Y: mlp.cost(p, X, Y)[None], params, grads, X, Y, mode="loop")
+        # Two numbers (one in a 1-element array is taken as J: the course's (1, 1) costs).
+        check(
+            lambda p, X, Y: (
+                mlp.cost(p, X, Y) * backend.xp.ones((2,), dtype=backend.xp.float64, device=backend.device)
+            ),
+            params,
+            grads,
+            X,
+            Y,
+            mode="loop",
+        )
     message = str(info.value)
-    assert "shape (1,)" in message and "expected shape ()" in message
+    assert "shape (2,)" in message and "expected shape ()" in message
     assert "'W1'" in message and "must return a scalar" in message
 
 
@@ -526,3 +536,24 @@ def test_a_cost_that_raises_on_its_own_gets_no_batching_essay(mistake):
     assert mistake in message
     assert "leading batch axis" not in message
     assert "rows 0..63" not in message  # internal wording
+
+
+def test_a_cost_that_returns_one_number_in_an_array_is_taken_as_j():
+    # The course's np.dot(Y, np.log(A).T) cost is (1, 1); torch's sum(0, keepdim=True) is (1,).
+    W = np.ones((1, 3))
+    assert check(lambda W: np.dot(W, W.T), W, 2 * W).verdict == "pass"
+    assert check(lambda W: np.dot(W, W.T), W, 3 * W).verdict == "fail"
+    w, X = np.array([0.3, -0.2]), np.ones((4, 2))
+    grad = X.T @ (1 - np.tanh(X @ w) ** 2)
+    assert check(lambda w, X: np.array([np.sum(np.tanh(X @ w))]), w, grad, X).verdict == "pass"
+
+
+def test_a_cost_that_is_nan_at_theta_is_a_cost_error_not_a_verdict():
+    with pytest.raises(gc.CostError) as caught:
+        gc.check(lambda t: np.nan, 3.0, 6.0)
+    assert str(caught.value).startswith("the cost is nan at θ itself, before any step")
+
+
+def test_a_cost_that_returns_a_string_is_refused():
+    with pytest.raises(gc.CostError, match="the cost returned a str"):
+        check(lambda t: "1.0", 3.0, 6.0)

@@ -468,3 +468,56 @@ def test_property_a_dense_layer_passes_and_a_scaled_gradient_fails_exactly_its_i
         assert report.verdict == "pass"
     else:
         assert report.verdict == "fail" and report.faults == (names[wrong],)
+
+
+# Found by an audit of CS231n-style layers: a loss returned as a Python float, torch inputs
+# with NumPy labels, and a running mean updated in place inside the bn_param dict.
+def _softmax_loss_as_float(x, y):
+    shifted = np.exp(x - x.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    n = x.shape[0]
+    dx = probs.copy()
+    dx[np.arange(n), y] -= 1
+    return float(-np.log(probs[np.arange(n), y]).mean()), dx / n
+
+
+def test_a_loss_returned_as_a_python_float_is_checked():
+    x, y = _rng(7).standard_normal((4, 5)), np.array([0, 2, 1, 3])
+    report = gc.check_layer(_softmax_loss_as_float, lambda dout, dx: dout * dx, x, y)
+    assert report.verdict == "pass" and tuple(report.parameters) == ("x",)
+    wrong = gc.check_layer(_softmax_loss_as_float, lambda dout, dx: 2 * dout * dx, x, y)
+    assert wrong.verdict == "fail" and wrong.faults == ("x",)
+
+
+def test_torch_inputs_with_numpy_labels_run_on_torch():
+    torch = pytest.importorskip("torch")
+
+    def forward(x, y):
+        logp = torch.log_softmax(x, 1)
+        n = x.shape[0]
+        dx = logp.exp()
+        dx[torch.arange(n), y] -= 1
+        return -logp[torch.arange(n), y].mean().item(), dx / n
+
+    x = torch.tensor(_rng(8).standard_normal((4, 5)))
+    report = gc.check_layer(forward, lambda dout, dx: dout * dx, x, np.array([0, 1, 2, 3]))
+    assert report.verdict == "pass" and report.backend == "torch"
+
+
+def test_an_in_place_running_mean_never_reaches_the_callers_bn_param():
+    running = np.zeros(3)
+    bn_param = {"mode": "train", "running_mean": running}
+
+    def forward(x, gamma, bn_param):
+        mean = x.mean(axis=0)
+        bn_param["running_mean"] *= 0.9  # in place, into the dict's own array
+        bn_param["running_mean"] += 0.1 * mean
+        return (x - mean) * gamma, x
+
+    def backward(dout, x):
+        mean = x.mean(axis=0)
+        return dout * gamma - (dout * gamma).mean(axis=0), (dout * (x - mean)).sum(axis=0)
+
+    x, gamma = _rng(9).standard_normal((4, 3)), _rng(10).standard_normal(3)
+    assert gc.check_layer(forward, backward, x, gamma, bn_param).verdict == "pass"
+    assert bn_param["running_mean"] is running and not running.any()

@@ -349,3 +349,15 @@ def test_a_float64_gradient_from_a_float32_forward_is_allowed_float32s_rounding(
     assert gc.check(cost, {"W": W}, {"W": dW}, X).verdict == "pass"
     dW[0, 0] *= 1.01
     assert gc.check(cost, {"W": W}, {"W": dW}, X).verdict == "fail"
+
+
+@pytest.mark.parametrize("epsilon", [0.03, 0.1])
+def test_a_large_fixed_step_across_relu_corners_is_no_false_alarm(epsilon):
+    # Found by the newcomer audit: at ε = 0.1 a step on W1[1, 1] of the seed case crosses a
+    # ReLU corner (Z1 = 0.079, X = −2.3), and the correct backprop was failed. Where the
+    # fourth difference says a kink lies within ±2h, the error bar covers it.
+    X, Y, params = mlp.seed_case()
+    correct = gc.check(mlp.cost, params, mlp.backward(params, X, Y), X, Y, epsilon=epsilon)
+    assert correct.verdict != "fail", str(correct)
+    planted = gc.check(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, epsilon=epsilon)
+    assert planted.verdict == "fail" and set(planted.faults) == {"b1", "W2"}, str(planted)
