@@ -354,7 +354,14 @@ def _upcast(parts, args, xp, notes):
     a float32 backprop is judged against the truth, to its own precision.
     """
     low = sorted({_dtype_name(p.dtype) for p in parts.values() if xp.finfo(p.dtype).bits < 64})
-    if not low or xp.asarray(1.0, dtype=xp.float64).dtype != xp.float64:  # JAX without x64
+    if xp.asarray(1.0, dtype=xp.float64).dtype != xp.float64:  # JAX without x64
+        notes.append(
+            "JAX runs without float64 here (jax_enable_x64 is off): everything was evaluated in "
+            "float32, float64 inputs too; for float64, run jax.config.update('jax_enable_x64', True) "
+            "before creating arrays"
+        )
+        return parts, args
+    if not low:
         return parts, args
     notes.append(
         f"{'/'.join(low)} parameters and floating args were evaluated in float64 (upcast=False to keep them)"

@@ -157,3 +157,23 @@ def test_a_check_primes_the_host_allocator_once_and_imports_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[True] []"
+
+
+def test_jax_without_float64_says_so_in_the_report():
+    """JAX's float64 is a process-wide switch the other tests turn on: checked in a child."""
+    pytest.importorskip("jax")
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np, jax.numpy as jnp, gcbackend as gc\n"
+        "W = np.array([[0.5, -0.25], [0.125, 1.0]])\n"
+        "r = gc.check(lambda W: jnp.sum(W * W), W, 2 * W, backend='jax')\n"
+        "print(r.notes[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "JAX runs without float64 here (jax_enable_x64 is off): everything was evaluated in float32, "
+        "float64 inputs too; for float64, run jax.config.update('jax_enable_x64', True) before creating arrays"
+    )
