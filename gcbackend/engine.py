@@ -241,7 +241,13 @@ def _call(cost, params, args, *, name, start, stop, stacked, shape=()):
     try:
         return cost(params, *args)
     except Exception as exc:
-        where = f"rows {start}..{stop - 1} perturbing parameter {name!r}"
+        where = (
+            f"a batch of {stop - start} perturbed copies of parameter {name!r}"
+            if stacked
+            else f"row {start} perturbing parameter {name!r}"
+            if stop - start == 1
+            else f"rows {start}..{stop - 1} perturbing parameter {name!r}"
+        )
         advice = contract(name, shape) if stacked else "Check that cost(params, *args) runs on the inputs."
         raise CostError(f"the cost raised {type(exc).__name__}: {exc} (at {where}). {advice}") from exc
 
@@ -285,10 +291,13 @@ def _as_costs(out: Any, expected: tuple[int, ...], *, xp, name, start, stop, sta
         # sum(0, keepdim=True) is (1,). One number, unambiguous: taken as J.
         out = xp.reshape(out, ())
     if tuple(out.shape) != expected:
-        what = "a batch of" if stacked else "one unbatched evaluation at"
+        what = (
+            f"a batch of {expected[0]} perturbed copies of parameter {name!r}"
+            if stacked
+            else f"one point (row {start} perturbing parameter {name!r})"
+        )
         raise CostError(
-            f"the cost returned shape {tuple(out.shape)} for {what} rows {start}..{stop - 1} "
-            f"perturbing parameter {name!r}; expected shape {expected}. "
+            f"the cost returned shape {tuple(out.shape)} for {what}; expected shape {expected}. "
             + (
                 contract(name, shape)
                 if stacked
@@ -806,7 +815,7 @@ def _verified(stencil, group, name, picks, stop, singles, *, xp):
     found = []
     if name == "broadcast":
         probe_points = xp.concat([xp.asarray(group.rows(r, r + 1), copy=True) for r in picks])
-        probe = attempt(probe_points, 0, stop)
+        probe = attempt(probe_points, 0, len(picks))
         found.append(probe)
     if stop > len(picks) or not found:
         full = attempt(group.rows(0, stop), 0, stop)
