@@ -881,6 +881,16 @@ def _reuses(xp: ModuleType) -> bool:
     return _scatters(xp) and not array_api_compat.is_jax_namespace(xp)
 
 
+def _coordinates(steps: Any, multipliers: tuple[float, ...], elements: Any, xp: ModuleType):
+    """(n, device, the elements that get rows (all by default), their count, the multipliers as
+    an array): what coordinate rows are built from, shared by ``coordinate_rows`` and ``_points``."""
+    size = steps.shape[0]
+    where = device(steps)
+    if elements is None:
+        elements = xp.arange(size, device=where)
+    return size, where, elements, elements.shape[0], xp.asarray(multipliers, dtype=steps.dtype, device=where)
+
+
 def coordinate_rows(
     flat: Any, steps: Any, multipliers: tuple[float, ...], *, xp: ModuleType, elements: Any = None
 ) -> tuple[Rows, int]:
@@ -893,12 +903,7 @@ def coordinate_rows(
     ``theta_plus``/``theta_minus``). Where the library cannot assign at integer indices,
     θ + one_hot·m·h gives the same numbers with two more passes over the (B, n) rows.
     """
-    size = steps.shape[0]
-    where = device(steps)
-    if elements is None:
-        elements = xp.arange(size, device=where)
-    chosen = elements.shape[0]
-    factors = xp.asarray(multipliers, dtype=steps.dtype, device=where)
+    size, where, elements, chosen, factors = _coordinates(steps, multipliers, elements, xp)
     scatter, reuse = _scatters(xp), _reuses(xp)
     held: list[Any] = []  # the (B, n) buffer of the previous call, where it can be reused
 
@@ -949,12 +954,7 @@ def _points(flat: Any, steps: Any, multipliers: tuple[float, ...], *, xp: Module
     """points(start, stop) → (positions, values, originals) of coordinate rows [start, stop): the
     flat position each row moves, its value there (θ_j + m·h_j, the same operations as
     ``coordinate_rows``, so bitwise its rows) and θ_j, as host lists: one transfer per group."""
-    size = steps.shape[0]
-    where = device(steps)
-    if elements is None:
-        elements = xp.arange(size, device=where)
-    chosen = elements.shape[0]
-    factors = xp.asarray(multipliers, dtype=steps.dtype, device=where)
+    _, where, elements, chosen, factors = _coordinates(steps, multipliers, elements, xp)
     held: list[Any] = []
 
     def points(start: int, stop: int) -> tuple[list[int], list[float], list[float]]:
