@@ -209,7 +209,7 @@ def _limits(noise: float, allowance: float, floor: float) -> tuple[float, float]
     return noise + allowance, max(SAFETY * noise + allowance, floor)
 
 
-def _auto_verdict(stats: Mapping[str, float], size: float, threshold: float) -> str:
+def _auto_verdict(stats: Mapping[str, float], size: float, threshold: float, directions: bool) -> str:
     """A parameter's verdict from its own error bars (threshold='auto').
 
     A smooth element off by more than its error bar fails the parameter, whatever its
@@ -226,6 +226,10 @@ def _auto_verdict(stats: Mapping[str, float], size: float, threshold: float) -> 
         return "inconclusive"  # never a pass: the numbers cannot tell
     if smooth_difference > threshold:
         return "fail"
+    if directions and stats["kinks"]:
+        # A direction through kinks brackets uᵀg with every kinked element's range at once:
+        # a smooth element's error can hide there. The screen never passes what it cannot see.
+        return "inconclusive"
     return "inconclusive" if stats["kink_outliers"] or noise > INCONCLUSIVE else "pass"
 
 
@@ -403,7 +407,9 @@ def judge(
             if coverage.kind != "elements"
             else xp.reshape(elements.numeric, shape),
             nonfinite=nonfinite,
-            verdict=_auto_verdict(stats, size, limit) if estimate is not None else None,
+            verdict=_auto_verdict(stats, size, limit, coverage.kind == "directions")
+            if estimate is not None
+            else None,
             expected=expected if estimate is not None else None,
             top=top,
             kinks=kinks,

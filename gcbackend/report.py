@@ -385,7 +385,8 @@ def _view(report: Report) -> _View:
             lines.extend(_element_lines(report, name))
     else:
         vague = [p for p in report.parameters.values() if p.verdict == "inconclusive"]
-        noisy = [p.name for p in vague if not p.unbracketed]
+        screened = [p.name for p in vague if report.mode == "directions" and p.kinks and not p.unbracketed]
+        noisy = [p.name for p in vague if not p.unbracketed and p.name not in screened]
         kinked = [p.name for p in vague if p.unbracketed]
         reasons = []
         if noisy:
@@ -397,6 +398,12 @@ def _view(report: Report) -> _View:
             reasons.append(
                 f"{', '.join(kinked)} {'has elements' if len(kinked) == 1 else 'have elements'} on "
                 "kinks that a correct gradient can also leave (listed below)"
+            )
+        if screened:
+            reasons.append(
+                f"the fast screen's directions through {', '.join(screened)} cross kinks, where an "
+                "error in one element can hide: run the full check (mode='auto') on "
+                + ("it" if len(screened) == 1 else "them")
             )
         if not reasons:
             reasons.append("some numbers of the judgement are not finite")

@@ -361,3 +361,22 @@ def test_a_large_fixed_step_across_relu_corners_is_no_false_alarm(epsilon):
     assert correct.verdict != "fail", str(correct)
     planted = gc.check(mlp.cost, params, mlp.backward_with_planted_bugs(params, X, Y), X, Y, epsilon=epsilon)
     assert planted.verdict == "fail" and set(planted.faults) == {"b1", "W2"}, str(planted)
+
+
+def test_the_fast_screen_never_passes_a_tensor_whose_directions_cross_kinks(backend):
+    # Found by the deep profile: five ReLU corners and one smooth element doubled; a direction
+    # through the corners brackets uᵀg widely enough to hide the doubling. Inconclusive, with why.
+    xp = backend.xp
+    theta = _on(backend, [0.0, 0.0, 0.0, 0.7, 0.0, 0.0])
+    smooth = _on(backend, [0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+
+    def cost(t):
+        return xp.sum(0.5 * xp.maximum(t, xp.zeros_like(t)) * (1 - smooth) + 0.5 * t * t * smooth, axis=-1)
+
+    correct = _on(backend, [0.0, 0.0, 0.0, 0.7, 0.0, 0.0])
+    doubled = _on(backend, [0.0, 0.0, 0.0, 1.4, 0.0, 0.0])
+    screened = [gc.check(cost, theta, grads, mode="directions") for grads in (correct, doubled)]
+    assert [report.verdict for report in screened] == ["inconclusive", "inconclusive"]
+    assert "the fast screen's directions through theta cross kinks" in str(screened[0])
+    assert gc.check(cost, theta, correct).verdict == "pass"
+    assert gc.check(cost, theta, doubled).verdict == "fail"
