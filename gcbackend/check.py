@@ -234,6 +234,19 @@ def check(
         name: value if array_api_compat.device(value) == chosen.device else to_backend(value, chosen)
         for name, value in numeric.items()
     }
+    narrow = sorted(
+        {
+            inputs._dtype_name(value.dtype)
+            for name, value in numeric.items()
+            if xp.finfo(value.dtype).bits < xp.finfo(parts[name].dtype).bits
+        }
+    )
+    if narrow:  # the cost's own rounding, not the step, limits the finite differences
+        notes.append(
+            f"the cost returns {'/'.join(narrow)} for {inputs._dtype_name(next(iter(parts.values())).dtype)} "
+            "parameters: its rounding limits the finite differences; return J in the parameters' "
+            "dtype (or pass a larger epsilon, e.g. epsilon=1e-3)"
+        )
     return judge.judge(
         parts,
         targets,

@@ -380,3 +380,17 @@ def test_the_fast_screen_never_passes_a_tensor_whose_directions_cross_kinks(back
     assert "the fast screen's directions through theta cross kinks" in str(screened[0])
     assert gc.check(cost, theta, correct).verdict == "pass"
     assert gc.check(cost, theta, doubled).verdict == "fail"
+
+
+def test_a_cost_returning_float32_for_float64_parameters_is_named_as_the_limit():
+    # Found by the costs audit: "try float64" misled a user whose params were float64 already.
+    rng = np.random.default_rng(0)
+    X, w = rng.standard_normal((8, 3)), rng.standard_normal(3)
+    grad = X.T @ (1 - np.tanh(X @ w) ** 2)
+    report = gc.check(lambda w, X: np.float32(np.sum(np.tanh(X @ w))), w, grad, X)
+    assert report.verdict != "fail"
+    assert report.notes[0] == (
+        "the cost returns float32 for float64 parameters: its rounding limits the finite differences; "
+        "return J in the parameters' dtype (or pass a larger epsilon, e.g. epsilon=1e-3)"
+    )
+    assert gc.check(lambda w, X: np.sum(np.tanh(X @ w)), w, grad, X).notes == ()
