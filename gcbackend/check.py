@@ -162,7 +162,7 @@ def check(
         runner = distributed.runner(client, chosen, cost, moved_args)
     elif (threads := engine.worker_count(int(workers))) > 1:
         runner = engine.ThreadRunner(threads, xp)
-        notes.append(f"stacked chunks evaluated on {threads} threads (BLAS on 1 thread each)")
+        notes.append(f"chunks of rows evaluated on {threads} threads (BLAS on 1 thread each)")
     paths: dict = {}  # tensor → engine.Path, decided once per tensor for the whole check
     notebook = (
         epsilon != "auto" and threshold != "auto" and order == 2 and mode != "directions" and sample is None

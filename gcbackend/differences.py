@@ -174,7 +174,7 @@ def estimate(
         paths=paths,
     )
     if center is None:
-        center = engine.evaluate_center(cost, layout.wrap(dict(parts)), args, xp=xp)
+        center = engine.evaluate_center(cost, parts, args, layout=layout, xp=xp)
     numeric, error, kink, low, high, fourth, stencils = {}, {}, {}, {}, {}, {}, {}
     for name, costs in grid.items():
         if directions is not None:

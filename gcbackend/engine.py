@@ -726,14 +726,19 @@ def _told(costs: Any, chunk: Chunk, progress: Callable[[int], Any] | None) -> An
     return costs
 
 
-def evaluate_center(cost: Callable[..., Any], params: Any, args: tuple[Any, ...], *, xp: ModuleType) -> Any:
+def evaluate_center(
+    cost: Callable[..., Any],
+    parts: Mapping[str, Any],
+    args: tuple[Any, ...],
+    *,
+    layout: Layout,
+    xp: ModuleType,
+) -> Any:
     """J(θ) itself, as a 0-d array, with the same error handling as the perturbed rows.
 
-    The cost gets copies of the parameters and array args: the caller's stay pristine."""
-    if isinstance(params, Mapping):
-        params = {name: _copied(value, xp) for name, value in params.items()}
-    else:
-        params = _copied(params, xp)
+    The cost gets copies of the parameters (in the user's structure, any tree) and of the
+    array args: the check's own stay pristine for every later row."""
+    params = layout.wrap({name: _copied(value, xp) for name, value in parts.items()})
     args = tuple(_copied(a, xp) for a in args)
     out = _call(cost, params, args, name="(none: J at θ)", start=0, stop=1, stacked=False)
     value = _as_costs(out, (), xp=xp, name="(none: J at θ)", start=0, stop=1, stacked=False)

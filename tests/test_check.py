@@ -230,7 +230,7 @@ def test_workers_give_the_one_thread_report(backend, options):
         assert other.top == result.top and other.verdict == result.verdict, name
         assert host(other.numeric_grad).tobytes() == host(result.numeric_grad).tobytes(), name
         assert_on(other.numeric_grad, backend)
-    assert "stacked chunks evaluated on 2 threads (BLAS on 1 thread each)" in two.notes
+    assert "chunks of rows evaluated on 2 threads (BLAS on 1 thread each)" in two.notes
     assert_bitwise_equal(params, saved)
 
 

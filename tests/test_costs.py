@@ -589,3 +589,24 @@ def test_a_cost_that_rebinds_an_entry_of_its_params_is_judged_right():
     zero = gc.check(_rebinding_cost, {"W": W}, {"W": np.zeros(3)}, X, Y)
     assert zero.verdict == "fail" and zero.faults == ("W",)
     assert zero.parameters["W"].path == "loop"
+
+
+def test_a_cost_scribbling_into_a_list_of_params_leaves_the_check_intact():
+    # J(θ) too gets copies in the user's structure (a list here), so a cost that writes into
+    # its parameters cannot move θ under the later rows.
+    rng = np.random.default_rng(1)
+    X, W, b = rng.standard_normal((5, 3)), rng.standard_normal(3), np.array([0.3])
+    saved = W.copy()
+
+    def cost(p, X):
+        weights, bias = p
+        value = 0.5 * float(np.sum((X @ weights + bias) ** 2))
+        weights *= 1.5
+        return value
+
+    residual = X @ W + b
+    grads = [X.T @ residual, np.array([residual.sum()])]
+    assert gc.check(cost, [W, b], grads, X).verdict == "pass"
+    grads[0] = grads[0] * 1.01
+    assert gc.check(cost, [W, b], grads, X).faults == ("[0]",)
+    assert np.array_equal(W, saved)
