@@ -17,7 +17,7 @@ import array_api_compat
 
 from .errors import BackendUnavailableError, InputError, InputTypeError
 
-__all__ = ["BACKEND_NAMES", "Backend", "is_array", "resolve", "to_backend", "to_host"]
+__all__ = ["BACKEND_NAMES", "Backend", "host_namespace", "is_array", "resolve", "to_backend", "to_host"]
 
 # name → (module to import, pip extra that provides it)
 _KNOWN: dict[str, tuple[str, str]] = {
@@ -201,6 +201,30 @@ def to_host(x: Any) -> Any:
         # array-api-strict refuses __array__ off its CPU device; DLPack works on all of them.
         return np.from_dlpack(x)
     return np.asarray(x)
+
+
+def host_namespace() -> ModuleType:
+    """The array-API namespace of host NumPy arrays (``to_host``'s results): the estimate and the
+    judge compute on the host, over O(N) numbers the evaluation brought back in one transfer per
+    stage, whatever library evaluated the cost."""
+    import numpy as np
+
+    return _namespace_of_module(np)
+
+
+def host_add_at(out: Any, index: Any, value: Any) -> None:
+    """``out[index] += value`` on host arrays, repeated indices counted (the standard has no
+    scatter-add; the estimate groups its candidates by probe with it)."""
+    import numpy as np
+
+    np.add.at(out, index, value)
+
+
+def host_min_at(out: Any, index: Any, value: Any) -> None:
+    """``out[index] = minimum(out[index], value)`` on host arrays, repeated indices included."""
+    import numpy as np
+
+    np.minimum.at(out, index, value)
 
 
 def take(x: Any, indices: Any, xp: ModuleType, *, axis: int | None = None) -> Any:

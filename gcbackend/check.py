@@ -6,12 +6,10 @@ import math
 import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
-import array_api_compat
-
-from . import differences, engine, inputs, judge
-from .backends import host_random, take, to_backend
+from . import differences, engine, inputs, judge, ladder, plan
+from .backends import host_namespace, host_random, to_backend, to_host
 from .report import Report
 
 MODES = inputs.MODES
@@ -152,134 +150,296 @@ def check(
         client=client,
         workers=workers,
     )
-    chosen, parts, moved_args, layout = prepared.backend, prepared.parts, prepared.args, prepared.layout
-    epsilon, threshold, budget, notes = prepared.epsilon, prepared.threshold, prepared.budget, prepared.notes
-    analytic, xp = prepared.analytic, chosen.xp
-    runner = None
-    if client is not None:
-        from . import distributed  # only here: a check without a client never imports dask
-
-        runner = distributed.runner(client, chosen, cost, moved_args)
-    elif (threads := engine.worker_count(int(workers))) > 1:
-        runner = engine.ThreadRunner(threads, xp)
-        notes.append(f"chunks of rows evaluated on {threads} threads (BLAS on 1 thread each)")
-    paths: dict = {}  # tensor → engine.Path, decided once per tensor for the whole check
-    notebook = (
-        epsilon != "auto" and threshold != "auto" and order == 2 and mode != "directions" and sample is None
+    planned = plan.plan(
+        prepared,
+        epsilon=prepared.epsilon,
+        threshold=prepared.threshold,
+        order=order,
+        mode=mode,
+        directions=directions,
+        sample=sample,
+        seed=seed,
     )
-    bar = _progress_bar(progress, _rows(parts, notebook, order, mode, directions, sample))
-    evaluation = dict(
-        layout=layout,
-        xp=xp,
-        mode="auto" if mode == "directions" else mode,
-        memory_budget=budget,
-        progress=bar.update,
-        runner=runner,
-        paths=paths,
-    )
+    evaluate = _Evaluation(cost, prepared, planned, mode=mode, client=client, workers=workers, seed=seed)
+    notes = list(prepared.notes) + evaluate.notes
+    bar = _progress_bar(progress)
+    evaluate.progress = bar.update
     try:
-        if notebook:
-            # The notebook's way: J(θ ± ε), 2N evaluations, no error bars, its numbers exactly.
-            numeric = engine.central_differences(cost, parts, moved_args, epsilon=epsilon, **evaluation)
-            estimate, targets, allowance = None, analytic, None
-            coverage, evaluations = judge.Coverage("elements"), 2 * layout.size
-        else:
-            plan = _plan(
-                parts,
-                analytic,
-                chosen,
-                dtypes=prepared.dtypes,
-                epsilon=epsilon,
-                mode=mode,
-                directions=directions,
-                sample=sample,
-                seed=seed,
-                notes=notes,
-            )
-            # A step the user chose is the step used; an automatic one moves closer where a
-            # kink is crossed. order=4 takes order 2's step: its error bar (Richardson's
-            # |D(h) − D(2h)|/3 measures order 2's truncation, not order 4's) is then no wider
-            # than order 2's, and a larger step made order 4 100–1000× less sensitive.
-            estimate = differences.estimate(
-                cost,
-                parts,
-                moved_args,
-                steps=_steps(parts, epsilon, chosen, prepared.dtypes),
-                exact_in=prepared.dtypes,
-                order=order,
-                refine=differences.REFINE_ROUNDS if epsilon == "auto" else 0,
-                elements=plan.elements,
-                directions=plan.directions,
-                **evaluation,
-            )
-            numeric, targets, allowance, coverage = (
-                estimate.numeric,
-                plan.targets,
-                plan.allowance,
-                plan.coverage,
-            )
-            evaluations = 4 * plan.rows + 1
-            if estimate.refined:
-                evaluations += 4 * estimate.refined
-                notes.append(
-                    f"{estimate.refined} element(s) evaluated again with steps "
-                    f"{differences.REFINE_FACTOR:g}× smaller: their truncation error dominated "
-                    "(a kink crossed within ±2h, e.g. a ReLU unit changing sign)"
-                )
+        # The notebook's plan needs no J(θ): its 2N evaluations are the notebook's own.
+        centre = math.nan if planned.notebook else evaluate.centre()
+        staircase = ladder.Ladder(planned, centre, seed=seed)
+        while (request := staircase.next()) is not None:
+            bar.total = (bar.total or 0) + evaluate.rows(request)  # the staircase decides as it goes
+            costs, steps = evaluate(request)
+            staircase.take(request, costs, steps)
+            staircase.set_discrepancy(evaluate.discrepancies())
+        # A random cost (a fresh dropout mask per call) shows in J(θ) evaluated again.
+        again = centre if planned.notebook else evaluate.centre()
     finally:
         bar.close()
-    # A cost that returns Python floats (fine in mode='loop') yields costs on the namespace's
-    # default device, not necessarily the one the check runs on.
-    numeric = {
-        name: value if array_api_compat.device(value) == chosen.device else to_backend(value, chosen)
-        for name, value in numeric.items()
-    }
-    narrow = sorted(
-        {
-            inputs._dtype_name(value.dtype)
-            for name, value in numeric.items()
-            if xp.finfo(value.dtype).bits < xp.finfo(parts[name].dtype).bits
-        }
-    )
-    if narrow:  # the cost's own rounding, not the step, limits the finite differences
-        notes.append(
-            f"the cost returns {'/'.join(narrow)} for {inputs._dtype_name(next(iter(parts.values())).dtype)} "
-            "parameters: its rounding limits the finite differences; return J in the parameters' "
-            "dtype (or pass a larger epsilon, e.g. epsilon=1e-3)"
-        )
+    estimate = staircase.result()
+    notes.extend(_notes(planned, estimate, evaluate, seed=seed, directions=directions, sample=sample))
     return judge.judge(
-        parts,
-        targets,
-        numeric,
+        planned,
         estimate,
-        xp=xp,
-        backend=chosen,
-        epsilon=epsilon,
-        threshold=threshold,
+        backend=prepared.backend,
+        analytic=_compared(prepared, planned),
+        grad_dtypes={name: inputs._dtype_name(g.dtype) for name, g in prepared.analytic.items()},
+        epsilon=prepared.epsilon,
+        threshold=prepared.threshold,
         mode=mode,
-        order=order,
         top_k=int(top_k),
         notes=tuple(notes),
-        evaluations=evaluations,
-        coverage=coverage,
-        allowance=allowance,
-        grad_dtypes={name: g.dtype for name, g in analytic.items()},
-        paths={name: engine.path_of(paths, name) for name in parts},
+        evaluations=staircase.evaluations + (0 if planned.notebook else 2),
+        paths={name: engine.path_of(evaluate.paths, name) for name in prepared.parts},
+        random=None if _same(centre, again, planned.eval_eps) else (centre, again),
     )
 
 
-def _rows(parts, notebook, order, mode, directions, sample) -> int:
-    """How many perturbed rows the check will evaluate (the progress bar's total)."""
-    if mode == "directions":
-        return 4 * directions * len(parts)
-    sizes = [math.prod(p.shape) for p in parts.values()]
-    if sample is not None:
-        sizes = [min(int(sample), n) for n in sizes]
-    return (2 if notebook else 4) * sum(sizes)
+def _same(first: float, second: float, eps: float) -> bool:
+    """J(θ) twice, equal up to a few ulps (a GPU's sums may be reordered between calls)."""
+    return (
+        first == second or math.isnan(first) or abs(first - second) <= 8 * eps * max(abs(first), abs(second))
+    )
 
 
-def _progress_bar(progress: bool | None, total: int) -> Any:
-    """A tqdm bar that appears only after 2 s (so quick checks print nothing), on a terminal."""
+def _compared(prepared: inputs.Prepared, planned: plan.Plan) -> dict[str, Any]:
+    """What each parameter's analytic side is: the gradient, a sample of it (flat), or uᵀg."""
+    if planned.coverage.kind == "elements":
+        return dict(prepared.analytic)
+    return {
+        name: to_backend(planned.target[planned.where(k)], prepared.backend)
+        for k, name in enumerate(planned.names)
+    }
+
+
+def _notes(planned, estimate, evaluate, *, seed, directions, sample) -> list[str]:
+    notes = []
+    if planned.coverage.kind == "directions":
+        notes.append(
+            f"fast screen: {directions} seeded unit Gaussian directions u per tensor (seed={seed}); each "
+            "value is the directional derivative uᵀ∇J, and 'direction k' is the k-th of them"
+        )
+    elif planned.coverage.kind == "sample":
+        notes.append(f"sampled check: {sample} element(s) per tensor (seed={seed})")
+    if evaluate.narrow:
+        notes.append(
+            f"the cost returns {'/'.join(evaluate.narrow)} for {evaluate.wide} parameters: its rounding "
+            "limits the finite differences; return J in the parameters' dtype (or pass a larger epsilon, "
+            "e.g. epsilon=1e-3)"
+        )
+    moved = estimate.moved
+    if moved.get("smaller"):
+        notes.append(
+            f"{moved['smaller']} value(s) evaluated again at smaller steps (a kink crossed within ±2h or "
+            "confirmed at θ, J not finite, or two steps that disagreed)"
+        )
+    if moved.get("larger"):
+        notes.append(f"{moved['larger']} value(s) evaluated again at larger steps (J's rounding dominated)")
+    if moved.get("confirm"):
+        notes.append(
+            f"{moved['confirm']} value(s) found off evaluated again at a step 10× smaller: a fail rests on "
+            "two steps that agree"
+        )
+    return notes
+
+
+class _Evaluation:
+    """The evaluation as the ladder sees it: a request of rows in, host costs out.
+
+    It turns a ``differences.Request`` (probes, steps, multipliers) into the evaluation's rows
+    (per tensor: elements and steps, or directions), on the backend, and brings the costs back
+    to the host in one transfer per request; it remembers the path each tensor takes."""
+
+    def __init__(self, cost, prepared, planned, *, mode, client, workers, seed) -> None:
+        self.cost, self.prepared, self.planned = cost, prepared, planned
+        self.xp = prepared.backend.xp
+        self.paths: dict = {}
+        self.notes: list[str] = []
+        self.narrow: list[str] = []
+        self.wide = inputs._dtype_name(next(iter(prepared.parts.values())).dtype)
+        self.seed = seed
+        self.progress = None
+        self.bases: dict[int, tuple[dict, tuple]] = {}
+        self.runner = None
+        if client is not None:
+            from . import distributed  # only here: a check without a client never imports dask
+
+            self.runner = distributed.runner(client, prepared.backend, cost, prepared.args)
+        elif (threads := engine.worker_count(int(workers))) > 1:
+            self.runner = engine.ThreadRunner(threads, self.xp)
+            self.notes.append(f"chunks of rows evaluated on {threads} threads (BLAS on 1 thread each)")
+        self.options = dict(
+            layout=prepared.layout,
+            xp=self.xp,
+            mode="auto" if mode == "directions" else mode,
+            memory_budget=prepared.budget,
+            runner=self.runner,
+            paths=self.paths,
+        )
+
+    def centre(self) -> float:
+        value = engine.evaluate_center(
+            self.cost, self.prepared.parts, self.prepared.args, layout=self.prepared.layout, xp=self.xp
+        )
+        self._note_dtype(value)
+        return float(to_host(value))
+
+    def rows(self, request: differences.Request) -> int:
+        """How many perturbed rows a request evaluates."""
+        if request.directions is not None:
+            return len(request.multipliers) * sum(int(d.shape[0]) for d in request.directions.values())
+        return len(request.multipliers) * int(request.probes.shape[0])
+
+    def discrepancies(self) -> dict[int, float]:
+        return {k: engine.path_of(self.paths, name).discrepancy for k, name in enumerate(self.planned.names)}
+
+    def __call__(self, request: differences.Request) -> tuple[Any, Any]:
+        hx = host_namespace()
+        xp, backend, planned = self.xp, self.prepared.backend, self.planned
+        parts, args = self._base(request)
+        if request.directions is not None:
+            directions = {
+                name: to_backend(rows, backend, dtype=parts[name].dtype)
+                for name, rows in request.directions.items()
+            }
+            grid = engine.stencil_costs(
+                self.cost,
+                parts,
+                args,
+                steps=_unit_steps(parts, xp),
+                multipliers=request.multipliers,
+                directions={name: directions.get(name, _none(parts[name], xp)) for name in parts},
+                progress=self.progress,
+                **self.options,
+            )
+            costs = hx.concat(
+                [self._host(grid[name]) for name in planned.names if name in request.directions], axis=1
+            )
+            return costs, hx.ones((costs.shape[1],))
+        probes = request.probes
+        segments = planned.segment[probes]
+        order = hx.argsort(segments, stable=True)
+        probes, steps_wanted = probes[order], request.steps[order]
+        segments = segments[order]
+        whole = probes.shape[0] == planned.size and planned.coverage.kind == "elements"
+        elements, steps, directions = {}, {}, None
+        if planned.coverage.kind == "directions":
+            directions = {}
+        for k, name in enumerate(planned.names):
+            mine = segments == k
+            at = planned.index[probes[mine]]
+            wanted = steps_wanted[mine]
+            shape = planned.shapes[k]
+            if directions is not None:
+                units = planned.directions[name][at, :] * wanted[:, None]
+                directions[name] = to_backend(units, backend, dtype=parts[name].dtype)
+                steps[name] = _none(parts[name], xp)
+                continue
+            full = hx.zeros((_prod(shape),))
+            full[at] = wanted
+            theta = self.prepared.parts[name]
+            wanted_steps = to_backend(hx.reshape(full, shape), backend, dtype=theta.dtype)
+            # The notebook's ε is used as it is (its quotient divides by 2ε); every other step is
+            # made exact, so the step the cost sees is the step the quotient divides by.
+            steps[name] = (
+                wanted_steps
+                if planned.notebook
+                else differences.snap(theta, wanted_steps, self.prepared.dtypes[name], xp)
+            )
+            elements[name] = to_backend(hx.asarray(at, dtype=hx.int64), backend)
+        grid = engine.stencil_costs(
+            self.cost,
+            parts,
+            args,
+            steps=steps,
+            multipliers=request.multipliers,
+            elements=None if (whole or directions is not None) else elements,
+            directions=directions,
+            progress=self.progress,
+            **self.options,
+        )
+        pieces, used = [], []
+        for k, name in enumerate(planned.names):
+            mine = segments == k
+            if not bool(hx.any(mine)) and not whole:
+                continue
+            values = self._host(grid[name])
+            values = hx.reshape(values, (len(request.multipliers), -1))
+            pieces.append(values)
+            if directions is not None:
+                used.append(steps_wanted[mine])
+            else:
+                at = planned.index[probes[mine]]
+                flat = hx.reshape(self._host_steps(steps[name]), (-1,))
+                used.append(flat[at])
+        costs = hx.concat(pieces, axis=1)
+        inverse = hx.argsort(order, stable=True)
+        return costs[:, inverse], hx.concat(used)[inverse]
+
+    def _base(self, request):
+        """θ and the args, or (request.base ≥ 1) every floating input perturbed by
+        ``request.perturbation`` relative, with seeded random signs."""
+        parts, args = self.prepared.parts, self.prepared.args
+        if not request.base:
+            return parts, args
+        key = (request.base, request.perturbation)
+        if key not in self.bases:
+            xp, backend = self.xp, self.prepared.backend
+            rng = host_random(self.seed + 104729 * request.base)
+
+            def moved(value):
+                signs = rng.choice([-1.0, 1.0], size=tuple(value.shape))
+                factor = to_backend(1.0 + request.perturbation * signs, backend, dtype=value.dtype)
+                return value * factor
+
+            new_parts = {name: moved(p) for name, p in parts.items()}
+            new_args = tuple(moved(x) if _is_float_array(x, xp) else x for x in args)
+            self.bases[key] = (new_parts, new_args)
+        return self.bases[key]
+
+    def _host(self, values):
+        hx = host_namespace()
+        out = hx.asarray(to_host(values))
+        if out.dtype != hx.float64:
+            self._note_dtype(values)
+            out = hx.astype(out, hx.float64)
+        return out
+
+    def _host_steps(self, steps):
+        hx = host_namespace()
+        return hx.astype(hx.asarray(to_host(steps)), hx.float64)
+
+    def _note_dtype(self, value):
+        xp = self.xp
+        dtype = value.dtype
+        if xp.finfo(dtype).bits < xp.finfo(next(iter(self.prepared.parts.values())).dtype).bits:
+            name = inputs._dtype_name(dtype)
+            if name not in self.narrow:
+                self.narrow.append(name)
+
+
+def _is_float_array(x, xp) -> bool:
+    from .backends import is_array, namespace
+
+    return is_array(x) and namespace(x) is xp and xp.isdtype(x.dtype, "real floating")
+
+
+def _prod(shape) -> int:
+    return math.prod(shape)
+
+
+def _none(part, xp):
+    return xp.zeros((0, math.prod(part.shape)), dtype=part.dtype)
+
+
+def _unit_steps(parts, xp):
+    return {name: xp.ones(tuple(p.shape), dtype=p.dtype) for name, p in parts.items()}
+
+
+def _progress_bar(progress: bool | None) -> Any:
+    """A tqdm bar that appears only after 2 s (so quick checks print nothing), on a terminal; its
+    total grows with every stage the staircase asks for."""
     enabled = sys.stderr.isatty() if progress is None else bool(progress)
     try:
         from tqdm.auto import tqdm
@@ -287,81 +447,14 @@ def _progress_bar(progress: bool | None, total: int) -> Any:
         enabled = False
     if not enabled:
         return _NoBar()
-    return tqdm(total=total, delay=2.0, unit="row", desc="gradient check", file=sys.stderr, leave=False)
+    return tqdm(total=0, delay=2.0, unit="row", desc="gradient check", file=sys.stderr, leave=False)
 
 
 class _NoBar:
+    total = 0
+
     def update(self, rows: int) -> None:
         pass
 
     def close(self) -> None:
         pass
-
-
-def _steps(parts, epsilon, chosen, dtypes):
-    """Per-element steps, exact in each parameter's own dtype (``differences.snap``):
-    automatic (order 2's, see check) or the user's epsilon everywhere."""
-    xp = chosen.xp
-    if epsilon == "auto":
-        return differences.auto_steps(parts, order=2, xp=xp, exact_in=dtypes)
-    return {
-        name: differences.snap(
-            p, xp.full(tuple(p.shape), epsilon, dtype=p.dtype, device=chosen.device), dtypes[name], xp
-        )
-        for name, p in parts.items()
-    }
-
-
-class _Plan(NamedTuple):
-    """What the estimate evaluates and what its values are compared with."""
-
-    coverage: judge.Coverage
-    targets: dict[str, Any]  # the backprop's values at the compared places
-    allowance: dict[str, Any]  # how far the backprop's own rounding may move each of them
-    rows: int  # perturbed rows per ±h (the estimate evaluates 4 per row, and J(θ) once)
-    elements: dict[str, Any] | None = None  # sampled flat indices per name
-    directions: dict[str, Any] | None = None  # name → (k, n) seeded unit directions
-
-
-def _plan(parts, analytic, chosen, *, dtypes, epsilon, mode, directions, sample, seed, notes) -> _Plan:
-    """Every element, a seeded sample per tensor, or seeded unit directions per tensor.
-    ``dtypes``: each parameter's own dtype, the coarsest its backprop may be computed in."""
-    xp = chosen.xp
-    rounding = {
-        name: judge.backprop_rounding(g, xp, computed_in=dtypes[name]) for name, g in analytic.items()
-    }
-    rng = host_random(seed)
-    if mode == "directions":
-        units, targets, allowance = {}, {}, {}
-        for name, part in parts.items():
-            size = math.prod(part.shape)
-            u = to_backend(rng.standard_normal((directions, size)), chosen, dtype=part.dtype)
-            # Unit directions: θ moves by h, as in a coordinate step, whatever the size. A
-            # raw Gaussian moves it by h·√n, and a million-element W1 then crosses dozens
-            # of ReLU kinks per direction (a false alarm on a correct 1000-1000-1 net).
-            units[name] = u / xp.linalg.vector_norm(u, axis=1, keepdims=True)
-            grad = xp.reshape(xp.astype(analytic[name], part.dtype), (-1,))
-            targets[name] = xp.reshape(units[name] @ grad, (-1,))
-            # |uᵀe| ≤ ‖u‖·‖e‖ = ‖e‖ for the backprop's rounding e.
-            bound = judge.norm(rounding[name], xp)
-            allowance[name] = xp.full((directions,), 1.0, dtype=bound.dtype, device=chosen.device) * bound
-        notes.append(
-            f"fast screen: {directions} seeded unit Gaussian directions u per tensor (seed={seed}); each "
-            "value is the directional derivative uᵀ∇J, and 'direction k' is the k-th of them"
-        )
-        return _Plan(
-            judge.Coverage("directions"), targets, allowance, directions * len(parts), directions=units
-        )
-    if sample is not None:
-        elements, targets, allowance, sampled = {}, {}, {}, {}
-        for name, part in parts.items():
-            size = math.prod(part.shape)
-            sampled[name] = sorted(rng.choice(size, size=min(int(sample), size), replace=False).tolist())
-            elements[name] = xp.asarray(sampled[name], dtype=xp.int64, device=chosen.device)
-            targets[name] = take(xp.reshape(analytic[name], (-1,)), elements[name], xp)
-            allowance[name] = take(xp.reshape(rounding[name], (-1,)), elements[name], xp)
-        notes.append(f"sampled check: {sample} element(s) per tensor (seed={seed})")
-        rows = sum(len(v) for v in sampled.values())
-        return _Plan(judge.Coverage("sample", sampled), targets, allowance, rows, elements=elements)
-    rows = sum(math.prod(p.shape) for p in parts.values())
-    return _Plan(judge.Coverage("elements"), dict(analytic), rounding, rows)

@@ -73,6 +73,21 @@ class ParameterResult:
     checked: int = 0
     path: str = ""
     path_reason: str = ""
+    resolution: float | None = None
+    """What a pass guarantees: formula (2) between the given gradient and the true one is at most
+    this (the error bars × (SAFETY + 1) plus the backprop's rounding allowance, relative), over
+    the smooth elements; None without error bars (a fixed epsilon and threshold)."""
+    reason: str = ""
+    """Why the verdict is inconclusive: "noise" (the finite differences are too noisy),
+    "precision" (the gradient's own precision, its forward's rounding included, is too coarse
+    to tell 1 %), "nonfinite" (J is not finite near θ), "kinks" (elements on kinks a correct
+    gradient can also leave), "screen" (the fast screen crossed kinks), "random" (J(θ) changed
+    between calls); "" otherwise."""
+    independent: bool = False
+    """J was bit for bit unchanged under every perturbation of this parameter, yet its gradient
+    is not zero: the cost does not read it (a cost that reads its parameters from elsewhere)."""
+    ties: int = 0
+    """Directions moving several of its kink elements together, checked (tied maxima)."""
 
     @property
     def passed(self) -> bool:
@@ -115,6 +130,12 @@ class Report:
     order: int = 2
     notes: tuple[str, ...] = ()
     auto_threshold: bool = False
+    coverage: str = "elements"
+    """``"elements"`` (every element), ``"sample"`` or ``"directions"`` (the fast screen)."""
+    checked: int = 0
+    """How many values were compared (N for a full check)."""
+    random: tuple[float, float] | None = None
+    """J(θ) at the start and at the end of the check, where they differed: the cost is random."""
 
     @property
     def passed(self) -> bool:
@@ -165,19 +186,16 @@ class Report:
         )
 
     def _evaluation(self) -> str:
-        """One line saying how the rows were evaluated, when some parameter did not take the
-        broadcast path (or was refused a faster one); "" otherwise."""
+        """One short line saying how the rows were evaluated, when some parameter did not take
+        the broadcast path; "" otherwise. The reasons are in each ``ParameterResult.path_reason``."""
         results = list(self.parameters.values())
-        if all(p.path in ("", "broadcast") and not p.path_reason for p in results) or self.mode == "loop":
+        if all(p.path in ("", "broadcast") for p in results) or self.mode == "loop":
             return ""
-        groups: dict[tuple[str, str], list[str]] = {}
+        groups: dict[str, list[str]] = {}
         for p in results:
-            groups.setdefault((p.path, p.path_reason), []).append(p.name)
-        parts = [
-            f"{', '.join(names)} {path}" + (f" ({reason})" if reason else "")
-            for (path, reason), names in groups.items()
-        ]
-        return "evaluation: " + "; ".join(parts)
+            groups.setdefault(p.path or "broadcast", []).append(p.name)
+        parts = [f"{', '.join(names)} {path}" for path, names in groups.items()]
+        return "evaluation: " + "; ".join(parts) + " (why: report.parameters[name].path_reason)"
 
     def plot(self, ax: Any = None) -> Any:
         """Per-parameter differences on a log axis against the threshold (and the noise
@@ -245,7 +263,7 @@ NOTEBOOK_CAVEAT = (
     "(no error bars at a fixed epsilon and threshold: a difference near the threshold may be "
     "rounding noise of the finite differences; epsilon='auto' tells noise from bugs)"
 )
-COLUMNS = ("parameter", "shape", "difference", "expected", "verdict", "worst index", "analytic", "numeric")
+COLUMNS = ("parameter", "shape", "difference", "resolution", "verdict", "worst index", "analytic", "numeric")
 
 
 class _View(NamedTuple):
@@ -320,13 +338,22 @@ def _element_lines(report: Report, name: str) -> list[str]:
     return lines
 
 
+def _coverage(report: Report) -> str:
+    """What was compared, where it is not every element: "80 of 5560 elements (sampled)"."""
+    if report.coverage == "sample":
+        return f"{report.checked} of {report.size} elements (sampled)"
+    if report.coverage == "directions":
+        return f"{report.checked} directional derivatives over {report.size} elements (fast screen)"
+    return ""
+
+
 def _view(report: Report) -> _View:
     rows = [
         (
             p.name,
             str(p.shape),
             f"{p.difference:.3e}",
-            _expected(p.expected),
+            _expected(p.resolution),
             _word(report, p),
             str(p.worst_index),
             f"{p.analytic:.9g}",
@@ -334,12 +361,19 @@ def _view(report: Report) -> _View:
         )
         for p in report.parameters.values()
     ]
+    coverage = _coverage(report)
     rows.append(
         (
             "all",
-            f"N={report.size}",
+            (
+                f"{report.checked} of N={report.size}"
+                if report.coverage == "sample"
+                else f"{report.checked} u, N={report.size}"
+            )
+            if coverage
+            else f"N={report.size}",
             f"{report.difference:.3e}",
-            _expected(report.expected),
+            _expected(_overall_resolution(report)),
             report.verdict,
             "",
             "",
@@ -352,11 +386,17 @@ def _view(report: Report) -> _View:
     header = (
         f"gradient check: backend {report.backend} on {report.device}, {report.dtype}, "
         f"epsilon={epsilon}, threshold={threshold}, order={report.order}, mode={report.mode}, "
-        f"{report.evaluations} cost evaluations"
+        f"{report.evaluations} cost evaluations" + (f", {coverage}" if coverage else "")
     )
     lines = []
     if report.verdict == "pass":
-        lines.append(f"{PASS_SENTENCE} difference = {report.difference!r}")
+        if coverage:
+            lines.append(
+                f"The values checked agree with the finite differences: {coverage}; the rest was not "
+                f"checked. difference = {report.difference!r}"
+            )
+        else:
+            lines.append(f"{PASS_SENTENCE} difference = {report.difference!r}")
         # Without error bars the notebook's rule judges the overall difference; a parameter
         # over the threshold on its own is then rounding noise at this epsilon, and said so.
         over = [
@@ -384,33 +424,18 @@ def _view(report: Report) -> _View:
         for name in culprits:
             lines.extend(_element_lines(report, name))
     else:
-        vague = [p for p in report.parameters.values() if p.verdict == "inconclusive"]
-        screened = [p.name for p in vague if report.mode == "directions" and p.kinks and not p.unbracketed]
-        noisy = [p.name for p in vague if not p.unbracketed and p.name not in screened]
-        kinked = [p.name for p in vague if p.unbracketed]
-        reasons = []
-        if noisy:
-            reasons.append(
-                f"the finite differences are too noisy at this precision to tell for {', '.join(noisy)} "
-                "(a correct gradient would show the 'expected' column): try float64 or a larger epsilon"
-            )
-        if kinked:
-            reasons.append(
-                f"{', '.join(kinked)} {'has elements' if len(kinked) == 1 else 'have elements'} on "
-                "kinks that a correct gradient can also leave (listed below)"
-            )
-        if screened:
-            reasons.append(
-                f"the fast screen's directions through {', '.join(screened)} cross kinks, where an "
-                "error in one element can hide: run the full check (mode='auto') on "
-                + ("it" if len(screened) == 1 else "them")
-            )
-        if not reasons:
-            reasons.append("some numbers of the judgement are not finite")
         lines.append(
-            f"{INCONCLUSIVE_SENTENCE} difference = {report.difference!r}; " + "; ".join(reasons) + "."
+            f"{INCONCLUSIVE_SENTENCE} difference = {report.difference!r}; "
+            + "; ".join(_reasons(report))
+            + "."
         )
     for p in report.parameters.values():
+        if p.independent:
+            lines.append(
+                f"J does not depend on {p.name}: J was bit for bit unchanged under every perturbation of it, "
+                "yet its gradient is not zero. Does the cost read the parameters it is given? (A cost that "
+                "reads them from elsewhere, e.g. net.params, is checked by gc.check_in_place.)"
+            )
         if p.unbracketed:
             lines.append(
                 f"{p.name}: {len(p.unbracketed)} element(s) on a kink where the analytic value lies "
@@ -423,17 +448,82 @@ def _view(report: Report) -> _View:
             lines.append(
                 f"{p.name}: {len(p.kinks)} element(s) at a kink, judged as subgradients "
                 f"(the one-sided slopes bracket the gradient): {_listed(p.kinks)}"
+                + (f"; tied kinks also moved together along {p.ties} direction(s)" if p.ties else "")
             )
         if p.nonfinite:
+            where = "θ ± h, even at smaller steps," if report.epsilon == "auto" else "θ ± ε"
             lines.append(
-                f"{p.name}: the cost returned NaN or Inf at θ ± ε for {len(p.nonfinite)} of "
-                f"{p.checked or p.size} elements, left out of the differences: {_listed(p.nonfinite, 8)}"
+                f"{p.name}: J is not finite at {where} for {len(p.nonfinite)} of {p.checked or p.size} "
+                f"elements; left out of the differences: {_listed(p.nonfinite, 8)}"
             )
     evaluation = report._evaluation()
     if evaluation:
         lines.append(evaluation)
     lines.extend(f"note: {note}" for note in report.notes)
     return _View(header, COLUMNS, tuple(rows), tuple(kinds), tuple(lines))
+
+
+def _overall_resolution(report: Report) -> float | None:
+    values = [p.resolution for p in report.parameters.values() if p.resolution is not None]
+    return max(values) if values else None
+
+
+def _reasons(report: Report) -> list[str]:
+    """Why an inconclusive check could not decide, one clause per cause, with what to do."""
+    vague = [p for p in report.parameters.values() if p.verdict == "inconclusive"]
+    by = lambda reason: [p.name for p in vague if p.reason == reason]  # noqa: E731
+    reasons = []
+    if report.random is not None:
+        first, second = report.random
+        reasons.append(
+            f"J(θ) changed between two calls with the same parameters ({first!r}, then {second!r}): "
+            "a random dropout mask? a module in train mode? Make the cost deterministic (masks drawn "
+            "once, a fixed seed, eval mode) and check again"
+        )
+    if names := by("noise"):
+        low = any(word in report.dtype for word in ("float16", "bfloat16")) or "float32" in report.dtype
+        reasons.append(
+            f"the finite differences are too noisy to tell for {', '.join(names)}: J's own rounding, "
+            "divided by the step, is above 0.1 % of these gradients"
+            + (
+                " (evaluated without float64: pass upcast=True, or enable jax_enable_x64)"
+                if not _evaluated_in_float64(report)
+                else " (J is a small difference of large numbers, or these gradients are tiny against J)"
+            )
+            if not low or _evaluated_in_float64(report)
+            else f"the finite differences are too noisy to tell for {', '.join(names)}"
+        )
+    if names := by("precision"):
+        reasons.append(
+            f"the gradient of {', '.join(names)} is only as precise as its dtype and its forward pass's "
+            "rounding allow (measured), too coarse to tell it from one off by 5 % (the 'resolution' column): "
+            "compute the gradient in float64 to check it more finely"
+        )
+    if names := by("nonfinite"):
+        reasons.append(
+            f"J is not finite near θ for some elements of {', '.join(names)} even at smaller steps "
+            "(a domain boundary within the step: log, sqrt, 1/x of a parameter near 0; listed below)"
+        )
+    if names := by("kinks"):
+        reasons.append(
+            f"{', '.join(names)} {'has elements' if len(names) == 1 else 'have elements'} on "
+            "kinks that a correct gradient can also leave (listed below)"
+        )
+    if names := by("screen"):
+        reasons.append(
+            f"the fast screen's directions through {', '.join(names)} cross kinks, where an "
+            "error in one element can hide: run the full check (mode='auto') on "
+            + ("it" if len(names) == 1 else "them")
+        )
+    if not reasons:
+        reasons.append("some numbers of the judgement are not finite")
+    return reasons
+
+
+def _evaluated_in_float64(report: Report) -> bool:
+    return not any("without float64" in note or "upcast=False" in note for note in report.notes) or any(
+        "evaluated in float64" in note for note in report.notes
+    )
 
 
 def _listed(indices: tuple[tuple[int, ...], ...], most: int = 8) -> str:

@@ -187,7 +187,7 @@ def test_nonfinite_counts_are_of_the_checked_values():
         checked=4,
     )
     text = str(_report({"w": result}, verdict="fail"))
-    assert "w: the cost returned NaN or Inf at θ ± ε for 1 of 4 elements" in text
+    assert "w: J is not finite at θ ± h, even at smaller steps, for 1 of 4 elements" in text
     assert _verdict_cells(_report({"w": result}, verdict="fail"))["w"] == "fail (NaN/Inf)"
 
 
