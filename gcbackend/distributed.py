@@ -23,11 +23,13 @@ on the others (up to ``distributed.scheduler.allowed-failures`` deaths per task)
 scattered inputs are fetched from a surviving worker. Each chunk's costs are brought here as
 soon as it finishes, so a later death cannot lose them. When the workers holding the inputs
 all die, Dask forgets every task that needs them: those chunks are sent again with fresh
-inputs, one at a time after such a round so that the chunk at fault is known; a chunk that
-loses its workers ``RETRIES`` times while it runs alone (or that Dask gives up on,
-``KilledWorker``) is the cost's doing, a CostError naming its parameter and rows. A client
-closed, a scheduler lost or no worker left is a ClusterError naming the rows not evaluated;
-whatever Dask raises is chained as ``__cause__``, never hidden by the cleanup's own errors.
+inputs, once no task of the check still runs anywhere (a cancelled task runs on, and may
+still kill its worker), the first of them alone, then twice as many per round that loses
+nothing, so the chunk at fault is known. A chunk that loses its workers ``RETRIES`` times
+while it runs alone (or that Dask gives up on, ``KilledWorker``) is the cost's doing: a
+CostError naming its parameter and rows. A client closed, a scheduler lost, no worker back,
+or inputs the workers cannot rebuild is a ClusterError naming the rows not evaluated;
+whatever Dask raised is chained as ``__cause__``, never hidden by the cleanup's own errors.
 """
 
 from __future__ import annotations
