@@ -10,7 +10,14 @@ layer's backward pass (J = Σ out·dout for a seeded random dout).
 from . import models, testing
 from .backends import BACKEND_NAMES
 from .check import NOTEBOOK, check
-from .errors import BackendUnavailableError, CostError, GradCheckError, InputError, InputTypeError
+from .errors import (
+    BackendUnavailableError,
+    ClusterError,
+    CostError,
+    GradCheckError,
+    InputError,
+    InputTypeError,
+)
 from .layer import check_layer
 from .report import ElementError, ParameterResult, Report
 
@@ -20,6 +27,7 @@ __all__ = [
     "BACKEND_NAMES",
     "NOTEBOOK",
     "BackendUnavailableError",
+    "ClusterError",
     "CostError",
     "ElementError",
     "GradCheckError",

@@ -17,7 +17,18 @@ import array_api_compat
 
 from .errors import BackendUnavailableError, InputError, InputTypeError
 
-__all__ = ["BACKEND_NAMES", "Backend", "host_namespace", "is_array", "resolve", "to_backend", "to_host"]
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "host_add_at",
+    "host_min_at",
+    "host_namespace",
+    "is_array",
+    "is_meta",
+    "resolve",
+    "to_backend",
+    "to_host",
+]
 
 # name → (module to import, pip extra that provides it)
 _KNOWN: dict[str, tuple[str, str]] = {
@@ -47,6 +58,11 @@ class Backend:
 def is_array(x: object) -> bool:
     """True for an array of any library array-api-compat knows (not for Python numbers)."""
     return array_api_compat.is_array_api_obj(x) and not isinstance(x, (bool, int, float, complex))
+
+
+def is_meta(x: object) -> bool:
+    """True for an array with a shape and a dtype but no values: a PyTorch ``meta`` tensor."""
+    return array_api_compat.is_torch_array(x) and x.device.type == "meta"
 
 
 def _import_backend(name: str) -> ModuleType:

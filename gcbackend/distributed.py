@@ -16,14 +16,29 @@ What crosses the network:
 
 The chunks are exactly the local pass's (``engine.chunk_bounds``), so where the workers run
 the same library on the same kind of machine the costs, and the report, are bitwise the
-local ones. A worker that dies mid-check is handled by Dask: its tasks are rescheduled on
-the others (up to ``distributed.scheduler.allowed-failures`` deaths per task) and the
-scattered inputs are fetched from a surviving worker, so the result is still complete.
+local ones.
+
+Failures. A worker that dies mid-check is first Dask's to handle: its tasks are rescheduled
+on the others (up to ``distributed.scheduler.allowed-failures`` deaths per task) and the
+scattered inputs are fetched from a surviving worker. Each chunk's costs are brought here as
+soon as it finishes, so a later death cannot lose them. When the workers holding the inputs
+all die, Dask forgets every task that needs them: those chunks are sent again with fresh
+inputs, once no task of the check still runs anywhere (a cancelled task runs on, and may
+still kill its worker), the first of them alone, then twice as many per round that loses
+nothing, so the chunk at fault is known. A chunk that loses its workers ``RETRIES`` times
+while it runs alone (or that Dask gives up on, ``KilledWorker``) is the cost's doing: a
+CostError naming its parameter and rows. A client closed, a scheduler lost, no worker back,
+or inputs the workers cannot rebuild is a ClusterError naming the rows not evaluated;
+whatever Dask raised is chained as ``__cause__``, never hidden by the cleanup's own errors.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import importlib
+import itertools
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,9 +48,22 @@ import array_api_compat
 
 from . import engine
 from .backends import Backend, is_array, to_backend, to_host
-from .errors import BackendUnavailableError, InputError, InputTypeError
+from .errors import (
+    BackendUnavailableError,
+    ClusterError,
+    CostError,
+    GradCheckError,
+    InputError,
+    InputTypeError,
+)
 
-__all__ = ["DaskRunner", "runner"]
+__all__ = ["RETRIES", "WORKER_WAIT", "DaskRunner", "runner"]
+
+RETRIES = 2
+"""How many times a chunk may lose its workers while it runs alone (the inputs sent to them
+lost with them, then sent again) before the check gives up on it with a CostError."""
+WORKER_WAIT = 60.0
+"""Seconds to wait for a worker to come back before the inputs are sent again."""
 
 
 def _import_distributed() -> Any:
@@ -88,9 +116,10 @@ class DaskRunner:
     """An ``engine.Runner``: every chunk a Dask task, the stencil sent to each worker once.
 
     Results come back in the order of the chunks, as arrays of ``backend`` on its device.
-    ``progress(rows)`` is told as each task finishes. When a task fails (CostError), the
-    error of the first failing chunk in chunk order is raised here, as the local pass would
-    raise it, and the other tasks are cancelled.
+    ``progress(rows)`` is told as each chunk's costs arrive. When a task fails, the error of
+    the first failing chunk in chunk order is raised here, as the local pass would raise it
+    (the cost's own CostError as it was raised on the worker), and the later tasks are
+    cancelled. Chunks lost with their workers are sent again (see the module's docstring).
     """
 
     def __init__(self, client: Any, backend: Backend) -> None:
@@ -103,30 +132,224 @@ class DaskRunner:
         chunks: list[engine.Chunk],
         progress: Callable[[int], Any] | None = None,
     ) -> list[Any]:
-        distributed = _import_distributed()
-        client = self.client
-        payload = client.scatter(_Payload(stencil, self.backend), broadcast=True, hash=False)
-        token = uuid.uuid4().hex[:8]
-        keys = [f"gradient-check-{tensor or 'all'}-{start}:{stop}-{token}" for tensor, start, stop in chunks]
-        futures = client.map(_evaluate_chunk, chunks, key=keys, payload=payload)
-        rows = {future.key: stop - start for future, (_, start, stop) in zip(futures, chunks)}
-        order = {future.key: index for index, future in enumerate(futures)}
+        tasks = _Tasks(self.client, _Payload(stencil, self.backend), chunks, progress)
+        return [to_backend(costs, self.backend) for costs in tasks.run()]
+
+
+class _Tasks:
+    """One runner call on the cluster: its chunks, the costs come back, the failures seen."""
+
+    def __init__(self, client: Any, payload: _Payload, chunks: list[engine.Chunk], progress) -> None:
+        self.distributed = _import_distributed()
+        self.client, self.payload, self.chunks, self.progress = client, payload, chunks, progress
+        self.token = uuid.uuid4().hex[:8]
+        self.costs: dict[int, Any] = {}  # chunk index → its costs (host), once they are here
+        self.failures: dict[int, GradCheckError] = {}  # chunk index → the error it ends the check with
+
+    def needed(self) -> list[int]:
+        """The chunks still to evaluate: those before the first failing one, not yet here."""
+        return [i for i in range(min(self.failures, default=len(self.chunks))) if i not in self.costs]
+
+    def closed(self) -> bool:
+        return self.client.status in ("closing", "closed")
+
+    def run(self) -> list[Any]:
+        """Every chunk's costs in order (host arrays), or the first failing chunk's error.
+
+        All chunks go out at once. After a round that lost chunks (their inputs died with
+        the workers) the next round sends only the first chunk still needed, and each round
+        that loses nothing twice as many: a chunk that kills its workers is found alone and
+        blamed after RETRIES such rounds, while after a transient loss the rounds soon carry
+        every chunk again."""
+        losses: collections.Counter[int] = collections.Counter()  # chunk index → rounds lost alone
+        unsent = 0  # retry rounds whose inputs could not be sent (a worker dying meanwhile)
+        window = len(self.chunks)
+        for attempt in itertools.count():
+            todo = self.needed()[:window]
+            if not todo:
+                break
+            try:
+                if attempt:
+                    self.settle()
+                lost = self.round(todo, attempt)
+            except _Unsent as unsent_error:
+                unsent += 1
+                if unsent > RETRIES:
+                    raise self.cluster_error(self.needed(), unsent_error.error) from unsent_error.error
+                continue
+            except GradCheckError:
+                raise
+            except Exception as exc:  # the client closed, the scheduler gone, no worker back
+                raise self.cluster_error(self.needed(), exc) from exc
+            if not lost:
+                window = min(2 * window, len(self.chunks))
+                continue
+            first, cause = next(iter(lost.items()))
+            if self.closed():
+                raise self.cluster_error(list(lost), cause) from cause
+            if len(todo) == 1:  # it ran alone: nothing else of this check can have killed its workers
+                losses[first] += 1
+                if losses[first] >= RETRIES:
+                    self.failures[first] = _caused(_died(self.chunks[first]), cause)
+            window = 1
+        if self.failures:
+            raise self.failures[min(self.failures)]
+        return [self.costs[i] for i in range(len(self.chunks))]
+
+    def settle(self) -> None:
+        """Wait until no worker still runs a task of this call, and one worker is up.
+
+        A cancelled task runs on to its end (a thread cannot be stopped), and may still kill
+        its worker: it must not do so while a chunk runs alone, or that chunk is blamed."""
+        deadline = time.monotonic() + WORKER_WAIT
+        while time.monotonic() < deadline:
+            running = self.client.run(_running, self.token, on_error="return")
+            if all(value == [] for value in running.values()):
+                break
+            time.sleep(0.1)  # a task still running, or a worker dying (its answer an error)
+        self.client.wait_for_workers(1, timeout=max(deadline - time.monotonic(), 1.0))
+
+    def round(self, todo: list[int], attempt: int) -> dict[int, BaseException]:
+        """Send the inputs and the chunks ``todo``; keep their costs and failures as tasks end.
+
+        Returns the chunks lost (cancelled by Dask: their inputs died with the workers, or
+        the client closed), each with the exception that says so. Whatever is still running
+        when this returns or raises is cancelled, and an error while cancelling is not raised."""
+        client, chunks = self.client, self.chunks
         try:
-            for future in distributed.as_completed(futures):
-                if future.status == "error":
-                    # The local pass stops at the first chunk that fails, in order: raise
-                    # that one (its rows named), not whichever failed first here.
-                    earlier = futures[: order[future.key]]
-                    if earlier:
-                        distributed.wait(earlier)
-                    next(f for f in [*earlier, future] if f.status == "error").result()
-                if progress is not None:
-                    progress(rows[future.key])
-            results = client.gather(futures)
-        except BaseException:
-            client.cancel([*futures, payload])
-            raise
-        return [to_backend(costs, self.backend) for costs in results]
+            scattered = client.scatter(self.payload, broadcast=True, hash=False)
+        except Exception as exc:
+            if self.closed():
+                raise
+            if attempt:  # a worker died or joined while the inputs were sent again
+                raise _Unsent(exc) from exc
+            raise ClusterError(
+                f"sending the cost, args and parameters to the Dask workers failed ({type(exc).__name__}: "
+                f"{exc}), so {_rows(chunks[todo[0]])} could not be evaluated; the workers need the "
+                "libraries (and versions) this process uses"
+            ) from exc
+        suffix = f"-{self.token}" + (f"-retry{attempt}" if attempt else "")
+        keys = [
+            f"gradient-check-{tensor or 'all'}-{start}:{stop}{suffix}"
+            for tensor, start, stop in (chunks[i] for i in todo)
+        ]
+        futures = client.map(_evaluate_chunk, [chunks[i] for i in todo], key=keys, payload=scattered)
+        index = {future.key: i for future, i in zip(futures, todo)}
+        lost: dict[int, BaseException] = {}
+        try:
+            for batch in self.distributed.as_completed(futures, loop=client.loop).batches():
+                for future, outcome, value in _outcomes(client, batch):
+                    i = index[future.key]
+                    if i >= min(self.failures, default=len(chunks)):
+                        continue  # after the first failing chunk: not needed, cancelled
+                    if outcome == "lost":
+                        lost[i] = value
+                    elif outcome == "error":
+                        self.failures[i] = _failure(value, chunks[i], self.distributed)
+                        client.cancel([f for f in futures if index[f.key] > i and not f.done()])
+                    else:
+                        self.costs[i] = value
+                        if self.progress is not None:
+                            self.progress(chunks[i][2] - chunks[i][1])
+        finally:
+            with contextlib.suppress(Exception):  # never hide what ended the round
+                client.cancel([*(f for f in futures if not f.done()), scattered])
+        return dict(sorted(lost.items()))
+
+    def cluster_error(self, missing: list[int], error: BaseException | None) -> ClusterError:
+        """A ClusterError naming the chunks ``missing`` and why: the client closed, or ``error``."""
+        rows = _rows(self.chunks[missing[0]]) if missing else "no rows"
+        more = f" and {len(missing) - 1} more chunks" if len(missing) > 1 else ""
+        if self.closed():
+            why = "the Dask client was closed while the check ran; keep it open until check() returns"
+        else:
+            why = (
+                f"the Dask cluster failed ({type(error).__name__}: {error}); check that its scheduler "
+                "is reachable and its workers are up"
+            )
+        return ClusterError(f"{rows}{more} could not be evaluated: {why}")
+
+
+class _Unsent(Exception):
+    """The inputs could not be sent again in a retry round (``error`` says why)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _running(token: str, dask_worker: Any = None) -> list[str]:
+    """On a worker: the keys of the tasks of call ``token`` it is still running (cancelled or not)."""
+    state = getattr(dask_worker, "state", None)
+    tasks = [*getattr(state, "executing", ()), *getattr(state, "long_running", ())]
+    return [str(task.key) for task in tasks if token in str(task.key)]
+
+
+def _outcomes(client: Any, futures: list[Any]) -> list[tuple[Any, str, Any]]:
+    """(future, outcome, value) for futures that are done: ``"costs"`` and the chunk's costs,
+    ``"error"`` and the exception its task raised, or ``"lost"`` and the exception saying
+    why there is neither (cancelled, or gone with the client). The finished ones travel in
+    one transfer; one by one if one of them was lost meanwhile."""
+    finished = [f for f in futures if f.status == "finished"]
+    try:
+        values = dict(zip((f.key for f in finished), client.gather(finished))) if finished else {}
+    except Exception:
+        values = {}
+    out = []
+    for future in futures:
+        if future.key in values:
+            out.append((future, "costs", values[future.key]))
+            continue
+        try:
+            if future.status == "error":
+                out.append((future, "error", future.exception()))
+            else:
+                out.append((future, "costs", future.result()))
+        except Exception as exc:  # cancelled: its inputs were lost, or the client closed
+            out.append((future, "lost", exc))
+    return out
+
+
+def _rows(chunk: engine.Chunk) -> str:
+    tensor, start, stop = chunk
+    which = "every parameter" if tensor is None else f"parameter {tensor!r}"
+    return (
+        f"row {start} perturbing {which}"
+        if stop - start == 1
+        else f"rows {start}..{stop - 1} perturbing {which}"
+    )
+
+
+def _caused(error: GradCheckError, cause: BaseException | None) -> GradCheckError:
+    """``error`` with ``cause`` chained, as ``raise error from cause`` would when it is raised."""
+    error.__cause__ = cause
+    error.__suppress_context__ = True
+    return error
+
+
+def _died(chunk: engine.Chunk) -> CostError:
+    return CostError(
+        f"the Dask workers evaluating {_rows(chunk)} died every time they were sent these rows: "
+        "the cost ends the worker's process on them (os._exit, sys.exit, a crash in native code) or "
+        "needs more memory than a worker may use. See the workers' logs; a smaller memory_budget= "
+        "makes smaller chunks, and a check without client= runs the same rows in this process"
+    )
+
+
+def _failure(error: BaseException, chunk: engine.Chunk, distributed: Any) -> GradCheckError:
+    """What a failed task of ``chunk`` ends the check with: the cost's own error as it was
+    raised on the worker, a CostError for a chunk whose workers kept dying, else a ClusterError."""
+    if isinstance(error, GradCheckError):
+        return error
+    if isinstance(error, distributed.KilledWorker):
+        return _caused(_died(chunk), error)
+    return _caused(
+        ClusterError(
+            f"a Dask worker failed on {_rows(chunk)} outside the cost ({type(error).__name__}: "
+            f"{error}); the workers need the libraries and versions this process uses"
+        ),
+        error,
+    )
 
 
 class _Payload:

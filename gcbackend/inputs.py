@@ -11,16 +11,26 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import array_api_compat
 
 from . import engine
-from .backends import Backend, is_array, prime_host_allocator, resolve, to_backend, to_host
+from .backends import (
+    Backend,
+    is_array,
+    is_meta,
+    namespace,
+    prime_host_allocator,
+    resolve,
+    to_backend,
+    to_host,
+)
 from .errors import InputError, InputTypeError
 from .params import Layout, flatten_tree, match_tree
 
-__all__ = ["MODES", "Prepared", "prepare"]
+__all__ = ["MODES", "Prepared", "nonfinite_args", "prepare"]
 
 MODES = (*engine.MODES, "directions")
 
@@ -58,19 +68,51 @@ def _refuse_swapped(params: Mapping[str, Any], grads: Mapping[str, Any]) -> None
         )
 
 
+_MATERIALIZE = (
+    "create the tensors on a real device (e.g. device='cpu' or 'cuda'); for a module built on "
+    "'meta', call module.to_empty(device='cpu') and initialize its parameters first"
+)
+
+
 def _is_option_number(x: object) -> bool:
     # Any real scalar (NumPy's float32 too), but not bool: epsilon=True is a mistake.
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _options(epsilon, threshold, mode, memory_budget, order, directions, sample, top_k) -> int:
-    if epsilon != "auto" and (not _is_option_number(epsilon) or not math.isfinite(epsilon) or epsilon <= 0):
-        raise InputError(f"epsilon={epsilon!r} must be 'auto' or a finite number > 0, e.g. epsilon=1e-7")
-    if threshold != "auto" and (
-        not _is_option_number(threshold) or not math.isfinite(threshold) or threshold <= 0
-    ):
+def _option_number(value: Any, name: str, example: str) -> float | str:
+    """``value`` of the option ``name`` as ``"auto"`` or a float: a Python or NumPy real
+    number, or a 0-d real array of any library; an array of one or more dimensions is an
+    InputTypeError (one value serves every element), anything else an InputError."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    if is_array(value) and not _is_option_number(value):
+        shape = tuple(value.shape)
+        if shape != ():
+            raise InputTypeError(
+                f"{name} is an array of shape {shape}; pass one number, which serves every "
+                f"element, e.g. {name}={example}, or {name}='auto'"
+            )
+        if not array_api_compat.array_namespace(value).isdtype(value.dtype, ("real floating", "integral")):
+            raise InputTypeError(
+                f"{name} is a 0-d array of dtype {value.dtype}; pass a real number, e.g. {name}={example}"
+            )
+        value = float(value)
+    if not _is_option_number(value) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"{name}={value!r} must be 'auto' or a finite number > 0, e.g. {name}={example}")
+    return float(value)
+
+
+def _options(
+    epsilon, threshold, mode, memory_budget, order, directions, sample, top_k
+) -> tuple[Any, Any, int]:
+    """epsilon and threshold as floats (or 'auto'), and the memory budget in bytes."""
+    epsilon = _option_number(epsilon, "epsilon", "1e-7")
+    threshold = _option_number(threshold, "threshold", "2e-7")
+    if threshold != "auto" and threshold >= 1:
         raise InputError(
-            f"threshold={threshold!r} must be 'auto' or a finite number > 0, e.g. threshold=2e-7"
+            f"threshold={threshold!r} must be below 1, e.g. threshold=2e-7: the difference "
+            "‖grad − gradapprox‖ / (‖grad‖ + ‖gradapprox‖) is at most 1 (a gradient of the "
+            "opposite sign scores exactly 1), so a threshold ≥ 1 would pass any gradient"
         )
     if mode not in MODES:
         raise InputError(f"mode={mode!r} is unknown; use one of {', '.join(map(repr, MODES))}")
@@ -86,14 +128,14 @@ def _options(epsilon, threshold, mode, memory_budget, order, directions, sample,
     if sample is not None and mode == "directions":
         raise InputError("sample= and mode='directions' exclude each other; pick one")
     if memory_budget is None:
-        return engine.DEFAULT_MEMORY_BUDGET
+        return epsilon, threshold, engine.DEFAULT_MEMORY_BUDGET
     if (
         not isinstance(memory_budget, numbers.Integral)
         or isinstance(memory_budget, bool)
         or memory_budget <= 0
     ):
         raise InputError(f"memory_budget={memory_budget!r} must be a positive number of bytes, or None")
-    return int(memory_budget)
+    return epsilon, threshold, int(memory_budget)
 
 
 def _to_float_array(value: Any, backend: Backend, what: str, dtype: Any = None) -> Any:
@@ -135,6 +177,39 @@ def _require_finite(array: Any, what: str, xp) -> None:
     if bool(xp.any(bad)):
         index = _first_index(bad, tuple(array.shape), xp)
         raise InputError(f"{what} contains NaN or Inf (first at index {index}); fix it before checking")
+
+
+def nonfinite_args(args: tuple[Any, ...], xp: ModuleType) -> str:
+    """Which args hold NaN or Inf, in words, or "" when none does: what to add to the error
+    when J(θ) itself is not finite, e.g. ``args[0] holds NaN at 1 of 15 elements (first at
+    index (1, 2))``. Floating arrays of ``xp`` (the check's args, after ``prepare``) and real
+    numbers are examined; other args (integer arrays, objects) cannot hold NaN or are the
+    cost's own business. Only for the error path: a few device syncs per floating arg."""
+    found = []
+    for position, arg in enumerate(args):
+        what = f"args[{position}]"
+        if _is_option_number(arg):
+            if not math.isfinite(arg):
+                found.append(f"{what} is {float(arg)}")
+            continue
+        if not (is_array(arg) and namespace(arg) is xp and xp.isdtype(arg.dtype, "real floating")):
+            continue
+        counts = to_host(
+            xp.stack([xp.sum(xp.astype(xp.isnan(arg), xp.int64)), xp.sum(xp.astype(xp.isinf(arg), xp.int64))])
+        )
+        nans, infs = (int(c) for c in counts.tolist())
+        if not nans + infs:
+            continue
+        kind = " and ".join(k for k, n in (("NaN", nans), ("Inf", infs)) if n)
+        shape = tuple(arg.shape)
+        if shape == ():
+            found.append(f"{what} is {float(arg)}")
+            continue
+        first = _first_index(~xp.isfinite(arg), shape, xp)
+        found.append(
+            f"{what} holds {kind} at {nans + infs} of {math.prod(shape)} elements (first at index {first})"
+        )
+    return "; ".join(found)
 
 
 def _indices(mask: Any, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
@@ -274,7 +349,9 @@ def prepare(
     """
     if not callable(cost):
         raise InputTypeError(f"cost must be callable as cost(params, *args), not {type(cost).__name__}")
-    budget = _options(epsilon, threshold, mode, memory_budget, order, directions, sample, top_k)
+    epsilon, threshold, budget = _options(
+        epsilon, threshold, mode, memory_budget, order, directions, sample, top_k
+    )
     if (
         not isinstance(workers, numbers.Integral)
         or isinstance(workers, bool)
@@ -286,8 +363,6 @@ def prepare(
             f"workers={workers} evaluates chunks on threads, but client= sends them to Dask "
             "workers; drop workers= (or client=)"
         )
-    epsilon = epsilon if epsilon == "auto" else float(epsilon)
-    threshold = threshold if threshold == "auto" else float(threshold)
 
     # params and grads: any tree of dicts/lists/tuples/NamedTuples of arrays (params.py),
     # read into name → leaf here; the Layout's treedef rebuilds the user's structure.
@@ -308,8 +383,21 @@ def prepare(
     for name, value in picked.items():
         _refuse_containers(value, f"grads[{name!r}]")
 
+    named = [
+        *(("params" if single else f"params[{name!r}]", value) for name, value in params.items()),
+        *(("grads" if single else f"grads[{name!r}]", value) for name, value in picked.items()),
+        *((f"args[{index}]", value) for index, value in enumerate(args)),
+    ]
+    for what, value in named:
+        if is_meta(value):
+            raise InputError(
+                f"{what} is a PyTorch tensor on the 'meta' device: it has a shape and a dtype but no "
+                f"values, so there is nothing to evaluate or compare; {_MATERIALIZE}"
+            )
     inputs = [*params.values(), *picked.values(), *args]
     chosen = resolve(backend, [a for a in inputs if is_array(a)], device)
+    if array_api_compat.is_torch_namespace(chosen.xp) and str(chosen.device) == "meta":
+        raise InputError(f"device={device!r} holds no values (PyTorch's 'meta' device); {_MATERIALIZE}")
     xp = chosen.xp
     prime_host_allocator()
 

@@ -1,7 +1,9 @@
 """distributed: check(..., client=) on a LocalCluster of 2 worker processes equals the local check.
 
 One cluster serves the whole module (starting one costs ~1.5 s on 2 cores); the tests that
-need it are skipped, with the reason, where dask/distributed are not installed.
+need it are skipped, with the reason, where dask/distributed are not installed. The fault
+tests at the end kill its workers for real (``os._exit``, SIGKILL) and wait for their nannies
+to restart them; each check there runs in a thread, bounded by a timeout.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ import functools
 import importlib.util
 import itertools
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import CancelledError
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -47,11 +53,16 @@ CASES = {"seed": _seed, "mid": _mid}
 
 @pytest.fixture(scope="module")
 def client():
+    import dask
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None)
-    with cluster, Client(cluster) as dask_client:
-        yield dask_client
+    # A LocalCluster closes for good a nanny whose worker is still gone 15 s after a death
+    # (distributed.deploy.lost-worker-timeout); on this loaded 2-core machine a restart takes
+    # up to ~4 s, and the fault tests below kill the workers several times in a row.
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "10 minutes"}):
+        cluster = LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None)
+        with cluster, Client(cluster) as dask_client:
+            yield dask_client
 
 
 def assert_same_report(remote, local):
@@ -308,3 +319,215 @@ def test_the_paths_chosen_here_travel_with_the_tasks(client):
     assert {name: r.path for name, r in remote.parameters.items()} == {
         name: "loop" if name == "W2" else "broadcast" for name in params
     }
+
+
+# --------------------------------------------------------------------------- faults (issue 20)
+
+
+def _bounded(seconds, function, *args, **kwargs):
+    """``function(*args, **kwargs)``, failing the test if it has not returned within ``seconds``."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = function(*args, **kwargs)
+        except BaseException as exc:  # handed to the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function.__name__} did not return within {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _when_flagged(flag, action, seconds=120):
+    """A started thread that runs ``action()`` once ``flag`` exists (or gives up after ``seconds``)."""
+
+    def wait():
+        deadline = time.monotonic() + seconds
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if os.path.exists(flag):
+            action()
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
+
+
+def _flag_once(flag):
+    """True for the first caller on any process (the flag file is created atomically)."""
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _crashing_cost(params, X, Y, *, driver):
+    """mlp.cost, but every worker evaluating rows of W2 ends its own process."""
+    if params["W2"].ndim == 3 and os.getpid() != driver:
+        os._exit(1)
+    return mlp.cost(params, X, Y)
+
+
+@needs_dask
+def test_a_chunk_that_keeps_killing_its_workers_is_a_cost_error_naming_its_rows(client):
+    # issue 20: raw KilledWorker or FutureCancelledError (listing W1 chunks), by the run.
+    from distributed import KilledWorker
+
+    X, Y, params, grads = _mid()
+    cost = functools.partial(_crashing_cost, driver=os.getpid())
+    client.wait_for_workers(2, timeout=120)
+    with pytest.raises(gc.CostError) as info:
+        _bounded(240, gc.check, cost, params, grads, X, Y, client=client, **gc.NOTEBOOK)
+    # W2's first chunk is evaluated here (to choose its path), its second is the first sent.
+    start, stop = engine.chunk_bounds(
+        2 * params["W2"].size, params["W2"].size, 8, engine.DEFAULT_MEMORY_BUDGET, "W2"
+    )[1]
+    assert str(info.value) == (
+        f"the Dask workers evaluating rows {start}..{stop - 1} perturbing parameter 'W2' died every time "
+        "they were sent these rows: the cost ends the worker's process on them (os._exit, sys.exit, a "
+        "crash in native code) or needs more memory than a worker may use. See the workers' logs; a "
+        "smaller memory_budget= makes smaller chunks, and a check without client= runs the same rows "
+        "in this process"
+    )
+    assert isinstance(info.value.__cause__, (KilledWorker, CancelledError))
+    client.wait_for_workers(2, timeout=120)  # restarted by their nannies: the cluster still serves
+    local = gc.check(mlp.cost, params, grads, X, Y, **gc.NOTEBOOK)
+    assert_same_report(
+        _bounded(120, gc.check, mlp.cost, params, grads, X, Y, client=client, **gc.NOTEBOOK), local
+    )
+
+
+def _waiting_cost(params, X, Y, *, flag, driver):
+    """mlp.cost, but the first worker to evaluate rows of W2 raises ``flag`` and waits there."""
+    if params["W2"].ndim == 3 and os.getpid() != driver and _flag_once(flag):
+        time.sleep(60)  # killed long before
+    return mlp.cost(params, X, Y)
+
+
+@needs_dask
+def test_every_worker_killed_at_once_mid_check_gives_the_local_report(client, tmp_path):
+    # issue 20: the scattered inputs die with both workers; they are sent again, the report
+    # is the local one bit for bit (before: FutureCancelledError, 'already forgotten').
+    X, Y, params, grads = _mid()
+    flag = str(tmp_path / "waiting")
+    client.wait_for_workers(2, timeout=120)
+    pids = list(client.run(os.getpid).values())
+    assert len(pids) == 2 and os.getpid() not in pids
+
+    def kill():
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+    killer = _when_flagged(flag, kill)
+    cost = functools.partial(_waiting_cost, flag=flag, driver=os.getpid())
+    remote = _bounded(240, gc.check, cost, params, grads, X, Y, client=client, **gc.NOTEBOOK)
+    killer.join(10)
+    assert os.path.exists(flag) and not killer.is_alive()
+    assert all(pid not in client.run(os.getpid).values() for pid in pids)  # both were replaced
+    assert_same_report(remote, gc.check(mlp.cost, params, grads, X, Y, **gc.NOTEBOOK))
+
+
+def _slow_cost(params, X, Y, *, flag, driver):
+    """mlp.cost, slowed on the workers for rows of W1, with ``flag`` raised by the first."""
+    if params["W1"].ndim == 3 and os.getpid() != driver:
+        _flag_once(flag)
+        time.sleep(0.2)
+    return mlp.cost(params, X, Y)
+
+
+@needs_dask
+def test_a_client_closed_mid_check_is_a_cluster_error_not_the_cleanups_error(client, tmp_path):
+    # issue 20: the cleanup's ClosedClientError used to replace what had happened.
+    from distributed import Client
+    from distributed.client import ClosedClientError
+
+    X, Y, params, grads = _mid()
+    flag = str(tmp_path / "started")
+    client.wait_for_workers(2, timeout=120)
+    other = Client(client.scheduler.address)
+    closer = _when_flagged(flag, other.close)
+    cost = functools.partial(_slow_cost, flag=flag, driver=os.getpid())
+    with pytest.raises(gc.ClusterError) as info:
+        _bounded(120, gc.check, cost, params, grads, X, Y, client=other, **gc.NOTEBOOK)
+    closer.join(30)
+    assert other.status == "closed"
+    assert re.fullmatch(
+        r"rows \d+\.\.\d+ perturbing parameter 'W1'( and \d+ more chunks)? could not be evaluated: the "
+        r"Dask client was closed while the check ran; keep it open until check\(\) returns",
+        str(info.value),
+    ), str(info.value)
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    assert info.value.__cause__ is not None
+    assert not any(isinstance(e, ClosedClientError) for e in chain[1:]), chain
+
+
+def _rebuild_here(driver):
+    if os.getpid() != driver:
+        raise ModuleNotFoundError("No module named 'installed_only_here'")
+    return _OnlyHere(driver)
+
+
+class _OnlyHere:
+    """An arg that unpickles only in this process, like an object of a library the workers lack."""
+
+    def __init__(self, driver):
+        self.driver = driver
+
+    def __reduce__(self):
+        return _rebuild_here, (self.driver,)
+
+
+def _cost_with_extra(params, X, Y, extra):
+    return mlp.cost(params, X, Y)
+
+
+@needs_dask
+def test_inputs_the_workers_cannot_rebuild_are_a_cluster_error_naming_the_rows(client):
+    # issue 20: a raw Exception from the scatter.
+    X, Y, params, grads = _mid()
+    client.wait_for_workers(2, timeout=120)
+    with pytest.raises(gc.ClusterError) as info:
+        _bounded(120, gc.check, _cost_with_extra, params, grads, X, Y, _OnlyHere(os.getpid()), client=client)
+    message = str(info.value)
+    assert message.startswith("sending the cost, args and parameters to the Dask workers failed (")
+    assert "installed_only_here" in message and "perturbing parameter 'W1' could not be evaluated" in message
+    assert "installed_only_here" in str(info.value.__cause__)
+    local = gc.check(_cost_with_extra, params, grads, X, Y, _OnlyHere(os.getpid()))
+    assert local.passed  # the same check runs here
+
+
+@needs_dask
+def test_what_a_failed_task_becomes():
+    # A task's own GradCheckError stands; Dask's KilledWorker is the cost's (CostError, rows
+    # named); anything else from a task is the cluster's (ClusterError), chained either way.
+    from types import SimpleNamespace
+
+    import distributed
+
+    from gcbackend.distributed import _failure
+
+    chunk = ("b1", 8, 16)
+    own = gc.CostError("the cost raised ValueError")
+    assert _failure(own, chunk, distributed) is own
+    killed = distributed.KilledWorker("gradient-check-b1-8:16-x", SimpleNamespace(address="tcp://w:1"), 3)
+    error = _failure(killed, chunk, distributed)
+    assert type(error) is gc.CostError and error.__cause__ is killed
+    assert str(error).startswith(
+        "the Dask workers evaluating rows 8..15 perturbing parameter 'b1' died every time"
+    )
+    missing = ModuleNotFoundError("No module named 'torch'")
+    error = _failure(missing, ("W1", 0, 1), distributed)
+    assert type(error) is gc.ClusterError and error.__cause__ is missing
+    assert str(error) == (
+        "a Dask worker failed on row 0 perturbing parameter 'W1' outside the cost (ModuleNotFoundError: "
+        "No module named 'torch'); the workers need the libraries and versions this process uses"
+    )

@@ -222,6 +222,97 @@ def test_invalid_threshold(threshold):
         check(lambda theta: theta, 1.0, 1.0, threshold=threshold)
 
 
+@pytest.mark.parametrize("threshold", [1, 1.0, 1.5, np.float64(1.0), 1e9])
+def test_a_threshold_of_1_or_more_is_refused_saying_why(threshold):
+    # issue 20: formula (2) is at most 1, so threshold >= 1 let a negated gradient pass.
+    with pytest.raises(gc.InputError) as info:
+        check(lambda theta: theta, 1.0, 1.0, threshold=threshold)
+    assert str(info.value) == (
+        f"threshold={float(threshold)!r} must be below 1, e.g. threshold=2e-7: the difference "
+        "‖grad − gradapprox‖ / (‖grad‖ + ‖gradapprox‖) is at most 1 (a gradient of the opposite "
+        "sign scores exactly 1), so a threshold ≥ 1 would pass any gradient"
+    )
+
+
+def test_a_negated_gradient_scores_1_and_fails_below_it(backend):
+    # The reason behind the bound above: ‖g − (−g)‖ / (‖g‖ + ‖−g‖) = 1.
+    X, Y, params, grads = _case(backend)
+    negated = {name: -g for name, g in grads.items()}
+    report = check(mlp.cost, params, negated, X, Y, threshold=0.999)
+    assert report.verdict == "fail" and 0.999 < report.difference <= 1.0
+
+
+@pytest.mark.parametrize("option", ["epsilon", "threshold"])
+@pytest.mark.parametrize("shape", [(2,), (1,), (2, 3)])
+def test_epsilon_or_threshold_as_an_array_is_a_type_error_naming_it(backend, option, shape):
+    # issue 20: epsilon as a 1-D array gave a bare ValueError (the truth value of an array).
+    value = _on(backend, np.full(shape, 1e-3))
+    with pytest.raises(gc.InputTypeError) as info:
+        check(lambda theta: theta * theta, 3.0, 6.0, **{option: value})
+    example = "1e-7" if option == "epsilon" else "2e-7"
+    assert str(info.value) == (
+        f"{option} is an array of shape {shape}; pass one number, which serves every element, "
+        f"e.g. {option}={example}, or {option}='auto'"
+    )
+
+
+def test_a_0d_array_is_taken_as_the_number_it_holds(backend):
+    # A 0-d array of any library, like a NumPy scalar, is one number (it was refused).
+    report = check(
+        lambda theta: theta * theta, 3.0, 6.0, epsilon=_on(backend, 1e-3), threshold=_on(backend, 1e-6)
+    )
+    assert report.passed and report.epsilon == 1e-3 and report.threshold == 1e-6
+    assert type(report.epsilon) is float and type(report.threshold) is float
+    with pytest.raises(
+        gc.InputTypeError, match=r"epsilon is a 0-d array of dtype .*bool.*; pass a real number"
+    ):
+        check(lambda theta: theta * theta, 3.0, 6.0, epsilon=backend.xp.asarray(True, device=backend.device))
+
+
+def _meta_case():
+    torch = pytest.importorskip("torch")
+    X, Y, params = mlp.seed_case(xp=torch)
+    return torch, X, Y, params, mlp.backward(params, X, Y)
+
+
+@pytest.mark.parametrize("where", ["params", "grads", "args", "all"])
+def test_torch_meta_tensors_are_refused_naming_the_input(where):
+    # issue 20: meta tensors everywhere gave a bare RuntimeError (Tensor.item() on meta), a
+    # meta tensor beside CPU ones an error about "several devices".
+    _, X, Y, params, grads = _meta_case()
+
+    def meta(tree):
+        return {name: value.to("meta") for name, value in tree.items()}
+
+    if where in ("params", "all"):
+        params = meta(params)
+    if where in ("grads", "all"):
+        grads = meta(grads)
+    if where in ("args", "all"):
+        X = X.to("meta")
+    with pytest.raises(gc.InputError) as info:
+        check(mlp.cost, params, grads, X, Y)
+    named = {"params": "params['W1']", "grads": "grads['W1']", "args": "args[0]", "all": "params['W1']"}[
+        where
+    ]
+    assert str(info.value) == (
+        f"{named} is a PyTorch tensor on the 'meta' device: it has a shape and a dtype but no values, "
+        "so there is nothing to evaluate or compare; create the tensors on a real device (e.g. "
+        "device='cpu' or 'cuda'); for a module built on 'meta', call module.to_empty(device='cpu') and "
+        "initialize its parameters first"
+    )
+
+
+@pytest.mark.parametrize("device", ["meta", "torch.device"])
+def test_the_meta_device_is_refused(device):
+    torch, X, Y, params, grads = _meta_case()
+    device = torch.device("meta") if device == "torch.device" else device
+    with pytest.raises(
+        gc.InputError, match=r"^device=.*meta.* holds no values \(PyTorch's 'meta' device\); create"
+    ):
+        check(mlp.cost, params, grads, X, Y, device=device)
+
+
 @pytest.mark.parametrize("mode", ["fast", "Stacked", None])
 def test_unknown_mode(mode):
     # issue 12: the modes are now 'auto' (the default), 'stacked', 'vmap', 'loop', 'directions'.
@@ -506,6 +597,7 @@ def test_the_documented_hierarchy():
     assert issubclass(gc.CostError, gc.GradCheckError) and not issubclass(gc.CostError, ValueError)
     assert issubclass(gc.BackendUnavailableError, gc.GradCheckError)
     assert issubclass(gc.BackendUnavailableError, ImportError)
+    assert issubclass(gc.ClusterError, gc.GradCheckError) and not issubclass(gc.ClusterError, gc.CostError)
     with pytest.raises(ValueError, match=r"epsilon=-1"):  # caught as the builtin too
         gc.check(lambda p: p * 2.0, 1.0, 2.0, epsilon=-1)
 
@@ -560,3 +652,34 @@ def test_a_cost_that_is_nan_at_theta_is_a_cost_error_not_a_verdict():
 def test_a_cost_that_returns_a_string_is_refused():
     with pytest.raises(gc.CostError, match="the cost returned a str"):
         check(lambda t: "1.0", 3.0, 6.0)
+
+
+def test_nonfinite_args_names_the_argument_and_its_first_bad_index(backend):
+    # issue 20: when J(θ) itself is NaN, the error names the data argument that holds NaN/Inf.
+    from gcbackend.inputs import nonfinite_args
+
+    xp = backend.xp
+    clean = np.arange(15.0).reshape(3, 5)
+    dirty = clean.copy()
+    dirty[1, 2], dirty[2, 0], dirty[0, 4] = np.nan, np.nan, -np.inf
+    labels = np.array([[0, 1, 1]])
+    args = (_on(backend, clean), _on(backend, dirty), _on(backend, labels), 2.5, _on(backend, np.inf))
+    assert nonfinite_args(args, xp) == (
+        "args[1] holds NaN and Inf at 3 of 15 elements (first at index (0, 4)); args[4] is inf"
+    )
+    assert nonfinite_args((args[0], args[2], "mean", float("nan")), xp) == "args[3] is nan"
+    assert nonfinite_args((_on(backend, dirty[1:2, 1:3]),), xp) == (
+        "args[0] holds NaN at 1 of 2 elements (first at index (0, 1))"
+    )
+    assert nonfinite_args((), xp) == "" and nonfinite_args(args[:3:2], xp) == ""
+    assert_bitwise_equal(args[1], snapshot(_on(backend, dirty)))  # only read
+
+
+@pytest.mark.xfail(strict=True, reason="nonfinite_args is called where J(θ) is evaluated: the lead wires it")
+def test_a_nan_in_a_data_argument_is_named_when_j_is_nan_at_theta():
+    X, Y, params = mlp.seed_case()
+    X = X.copy()
+    X[0, 1] = np.nan
+    with pytest.raises(gc.CostError) as caught:
+        gc.check(mlp.cost, params, mlp.backward(params, np.nan_to_num(X), Y), X, Y)
+    assert "args[0] holds NaN at 1 of" in str(caught.value)
