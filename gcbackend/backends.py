@@ -21,6 +21,7 @@ __all__ = [
     "BACKEND_NAMES",
     "Backend",
     "host_add_at",
+    "host_max_at",
     "host_min_at",
     "host_namespace",
     "is_array",
@@ -241,6 +242,13 @@ def host_min_at(out: Any, index: Any, value: Any) -> None:
     import numpy as np
 
     np.minimum.at(out, index, value)
+
+
+def host_max_at(out: Any, index: Any, value: Any) -> None:
+    """``out[index] = maximum(out[index], value)`` on host arrays, repeated indices included."""
+    import numpy as np
+
+    np.maximum.at(out, index, value)
 
 
 def take(x: Any, indices: Any, xp: ModuleType, *, axis: int | None = None) -> Any:

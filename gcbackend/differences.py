@@ -65,6 +65,10 @@ The textbook step eps^(1/3) assumes J is computed to about one ulp; real costs a
 seed case's BCE: 8 to 44 ulps, from log(1 − A) near saturation), and the staircase measures
 truncation where it matters, so the step leans larger: h = (1000·eps)^(1/3)·max(1, |θ|) ≈ 6e-5
 in float64. The staircase moves it where a probe needs another (see the module docstring)."""
+COARSE_STEP_ROUNDING = 1.0
+"""The same where J is evaluated in float32 (JAX without x64, upcast=False): h = eps^(1/3) ≈ 5e-3.
+The float64 rule's 0.05 crossed a ReLU corner in most rows of a small ReLU net; refined, float32's
+rounding over the smaller step left it inconclusive."""
 LOW_STEP_ULPS = 4.0
 """The first step is at least this many ulps of the parameter's own dtype at θ: a float16 or
 bfloat16 parameter evaluated in float64 may be cast back by the cost, which rounds a smaller
@@ -84,7 +88,7 @@ a kink crossed within ±h biases D(h) by half their difference."""
 KINK_RATIO = 0.25
 """A kink's one-sided slopes differ by a jump that stays put when h doubles; a smooth
 function's differ by h·J″, which doubles."""
-KINK_SIGNIFICANCE = 100.0
+KINK_SIGNIFICANCE = 10.0
 """A jump counts as a kink only when this many times above the slopes' rounding noise."""
 GRID_SAMPLES = 3
 """See ``_grid``: how many nonzero differences reveal J's grid."""
@@ -127,7 +131,9 @@ def auto_steps(
     """
     steps = {}
     for name, theta in parts.items():
-        base = (STEP_ROUNDING * float(xp.finfo(theta.dtype).eps)) ** (1.0 / 3.0 if order == 2 else 1.0 / 5.0)
+        eps = float(xp.finfo(theta.dtype).eps)
+        rounding = STEP_ROUNDING if eps < 1e-10 else COARSE_STEP_ROUNDING
+        base = (rounding * eps) ** (1.0 / 3.0 if order == 2 else 1.0 / 5.0)
         h = base * xp.maximum(xp.abs(theta), xp.ones_like(theta))
         own = None if exact_in is None else exact_in.get(name)
         if own is not None and own != theta.dtype:
@@ -216,6 +222,7 @@ class Estimate:
     central: Any = None  # D(h) at that step
     candidates: Any = None  # how many smooth, clean candidates (steps) each probe has
     inconsistent: Any = None  # its two best smooth candidates disagree beyond their error bars
+    rounding_dominated: Any = None  # J's rounding, not truncation, sets its standing error bar
 
 
 class _Stencil(NamedTuple):

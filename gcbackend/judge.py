@@ -33,8 +33,8 @@ __all__ = ["INCONCLUSIVE", "PRECISION", "SAFETY", "judge", "norm"]
 
 INCONCLUSIVE = 1e-3
 """A parameter whose finite differences' error bars exceed this (relative, formula (2)'s way)
-cannot be told apart from a gradient off by 0.1 %: inconclusive rather than pass (1e4·eps where
-the cost is evaluated in a coarser dtype than float64)."""
+cannot be told apart from a gradient off by 0.1 %: inconclusive rather than pass (see
+``noise_bound`` for a cost evaluated in a coarser dtype than float64)."""
 PRECISION = 5e-2
 """…and whose resolution, the backprop's own allowance included, exceeds this (or 8 ulps of a
 coarser gradient dtype): a pass would say too little (a float32 gradient at a trained model's
@@ -274,13 +274,19 @@ def _auto_verdict(
         # smooth element's error can hide there. The screen never passes what it cannot see.
         return "inconclusive", "screen"
     xp = host_namespace()
-    bound = max(INCONCLUSIVE, 1e4 * plan.eval_eps)
+    bound = noise_bound(plan.eval_eps)
     if not math.isfinite(noise_rel) or noise_rel > bound:
         return "inconclusive", "noise"
     coarse = float(xp.max(plan.grad_eps[where])) if plan.counts else 0.0
-    if not math.isfinite(resolution) or resolution > max(PRECISION, 8 * coarse):
+    if not math.isfinite(resolution) or resolution > max(PRECISION, 8 * coarse, (SAFETY + 1) * bound):
         return "inconclusive", "precision"
     return "pass", ""
+
+
+def noise_bound(eval_eps: float) -> float:
+    """INCONCLUSIVE where J is evaluated in float64; 1e5·eps (1.2 % in float32) in a coarser
+    dtype, whose finite differences cannot resolve 0.1 % (JAX without x64, upcast=False)."""
+    return max(INCONCLUSIVE, 1e5 * eval_eps)
 
 
 def _quiet(stats: Mapping[str, float], plan: Plan, epsilon: Any, delta: float, count: int) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .backends import host_add_at, host_min_at, host_namespace, host_random
+from .backends import host_add_at, host_max_at, host_min_at, host_namespace, host_random
 from .differences import (
     IMPROVE,
     KINK_RATIO,
@@ -76,10 +76,13 @@ class Ladder:
         self.settled = xp.zeros((n,), dtype=xp.bool)
         self.first = xp.asarray(nan, copy=True)
         self.first_noise = xp.asarray(nan, copy=True)
+        self.first_largest = xp.asarray(nan, copy=True)
+        self.first_clean = xp.zeros((n,), dtype=xp.bool)
         self.first_still = xp.zeros((n,), dtype=xp.bool)
         self.kink_jump = xp.asarray(nan, copy=True)
         self.confirming = xp.zeros((n,), dtype=xp.bool)
         self.arbitrated = xp.zeros((n,), dtype=xp.bool)
+        self.confirm_step = xp.full((n,), xp.nan)
         self.measured = xp.zeros((n,), dtype=xp.bool)
         self.sensitivity = xp.zeros((n,), dtype=xp.float64)
         self.batch = xp.zeros((n,), dtype=xp.float64)
@@ -101,7 +104,7 @@ class Ladder:
         fresh = xp.nonzero(self.phase == NEW)[0]
         full = plan.order == 4 or (not plan.notebook and 4 * plan.size <= WHOLE_ROWS)
         need = xp.nonzero(self.phase == NEED)[0]
-        if not plan.notebook and self.rounding_rows is None and (need.shape[0] or (fresh.shape[0] and full)):
+        if not plan.notebook and self.rounding_rows is None:
             request = self._rounding_request()
             if request is not None:
                 return request
@@ -170,7 +173,12 @@ class Ladder:
         one = (rise + fall) / (2 * h)
         right, left = rise / h, fall / h
         largest = xp.maximum(xp.maximum(xp.abs(plus), xp.abs(minus)), abs(self.centre))
-        bound = SETTLE_ULPS * plan.eval_eps * largest / h
+        # J's rounding: as measured along random directions (first of all), else SETTLE_ULPS ulps.
+        measured = (
+            self._delta() if self.rounding_rows else SETTLE_ULPS * plan.eval_eps * float(xp.max(largest))
+        )
+        delta = xp.maximum(measured, plan.eval_eps * largest)
+        bound = delta / h
         allowance = plan.ulps[probes] * plan.grad_eps[probes] * (xp.abs(a) + xp.abs(one))
         relative = 10.0 * plan.eval_eps ** (2.0 / 3.0) * (xp.abs(a) + xp.abs(one))
         still = (rise == 0) & (fall == 0)
@@ -178,7 +186,11 @@ class Ladder:
         smooth = xp.abs(right - left) <= SMOOTH * (xp.abs(right) + xp.abs(left)) + 2 * SETTLE_SAFETY * bound
         settle = xp.isfinite(one) & ((still & (a == 0)) | (agree & smooth))
         self.first[probes] = one
-        self.first_noise[probes] = bound + relative / SAFETY  # SAFETY × it covers the settling rule
+        self.first_clean[probes] = xp.isfinite(one) & smooth
+        # Its error bar: δ/h of rounding (δ as settled, or larger if measured so later), and the
+        # truncation slack; SAFETY × it covers the settling rule.
+        self.first_noise[probes] = relative / SAFETY
+        self.first_largest[probes] = delta
         self.first_still[probes] = still
         self.settled[probes[settle]] = True
         self.phase[probes[settle]] = DONE
@@ -217,9 +229,10 @@ class Ladder:
         stops there."""
         xp = host_namespace()
         plan = self.plan
-        up = self.trend[probes] > 0
+        up = self.trend[probes] == 1  # a climb for noise (a confirmation's climb, 3, is not rejected)
         previous = self.result() if bool(xp.any(up)) else None
-        stencil = self._stencil(probes, larger=bool(xp.all(up)) and bool(xp.any(up)))
+        climbed = self.trend[probes] % 2 == 1
+        stencil = self._stencil(probes, larger=bool(xp.all(climbed)) and bool(xp.any(climbed)))
         self.stencils.append(stencil)
         c = self._candidate(stencil)
         if previous is not None:
@@ -264,17 +277,19 @@ class Ladder:
 
     # -- a second step for values found off ----------------------------------------------------
     def _confirm(self) -> bool:
-        """Move up to CONFIRM_BATCH values per parameter that are off on the evidence of one step
-        only, the worst first, to a step ten times smaller; a parameter with a value off at two
-        steps that agree is failing already and needs no more. Returns whether any moved."""
+        """Move values found off, the worst first, to a step ten times smaller than the one they
+        stand on; a parameter with a value still off there is failing already and needs no more.
+        Returns whether any moved."""
         xp = host_namespace()
         plan = self.plan
         if plan.fixed:
             return False
         est = self.result()
         verdict = judged(plan, est)
-        single = verdict.off & ~est.kink & (est.candidates == 1) & ~self.settled
-        sure = verdict.off & ~est.kink & (est.candidates >= 2)
+        # Off on the evidence of one step only (or of two that disagree): evaluated at another.
+        alone = (est.candidates == 1) | est.inconsistent
+        single = verdict.off & ~est.kink & alone & ~self.confirming
+        sure = verdict.off & ~est.kink & ~alone
         badness = (xp.abs(plan.target - verdict.numeric) - verdict.tolerance) / xp.maximum(
             verdict.tolerance, 1e-300
         )
@@ -294,9 +309,15 @@ class Ladder:
             tried = bool(xp.any(self.confirming[where]))
             chosen = local[xp.argsort(-badness[local], stable=True)[: CONFIRM_BATCH if tried else 1]]
             self.confirming[chosen] = True
-            self.h[chosen] = est.step[chosen]
+            self.settled[chosen] = False
             self.trend[chosen] = 0
-            self._move(chosen, 1.0 / LADDER_FACTOR, -1, 4)
+            # Closer in than any step tried where truncation (or a kink nearby) could bias it;
+            # further out than any where J's rounding dominates (closer in would only be noisier).
+            smallest, largest = self._tried(chosen)
+            noisy = est.rounding_dominated[chosen]
+            self.h[chosen] = xp.where(noisy, largest, smallest)
+            self._move(chosen[~noisy], 1.0 / LADDER_FACTOR, -1, 4)
+            self._move(chosen[noisy], LADDER_FACTOR, 3, 4)
             moved = True
         return moved
 
@@ -317,16 +338,23 @@ class Ladder:
         return True
 
     def _smallest_step(self, probes: Any) -> Any:
+        return self._tried(probes)[0]
+
+    def _tried(self, probes: Any) -> tuple[Any, Any]:
+        """The smallest and the largest step each probe was evaluated at."""
         xp = host_namespace()
-        smallest = xp.full((self.plan.size,), xp.inf)
+        smallest = xp.asarray(self.plan.step, copy=True)
+        largest = xp.asarray(self.plan.step, copy=True)
         for s in self.stencils:
             host_min_at(smallest, s.probes, s.h)
-        return smallest[probes]
+            host_max_at(largest, s.probes, s.h)
+        return smallest[probes], largest[probes]
 
     # -- δ along random directions -------------------------------------------------------------
     def _rounding_request(self) -> Request | None:
         """Five-point stencils along ROUNDING_DIRECTIONS seeded random unit directions of one
-        tensor (the largest with at most ROUNDING_LARGEST elements), at its mean first step."""
+        tensor (the largest with at most ROUNDING_LARGEST elements), at a hundredth of its mean
+        first step."""
         xp = host_namespace()
         plan = self.plan
         self.rounding_rows = []
@@ -338,7 +366,9 @@ class Ladder:
         rng = host_random(self.seed + 65537)
         u = rng.standard_normal((ROUNDING_DIRECTIONS, sizes[k]))
         u = u / xp.linalg.vector_norm(u, axis=1, keepdims=True)
-        step = float(xp.mean(plan.step[plan.where(k)]))
+        # J's rounding does not depend on the step; a kink crossed does (its fourth difference
+        # grows with h, and so does the chance to cross one): a hundred times smaller.
+        step = float(xp.mean(plan.step[plan.where(k)])) / 100.0
         return Request(_none(), xp.zeros((0,)), (1.0, -1.0, 2.0, -2.0), directions={plan.names[k]: u * step})
 
     def _take_rounding(self, costs: Any) -> None:
@@ -491,15 +521,29 @@ class Ladder:
         order = xp.argsort(sh, stable=True)
         order = order[xp.argsort(sp[order], stable=True)]
         sp, sh, sn, se, scentral = sp[order], sh[order], sn[order], se[order], scentral[order]
+        snoisy = table["noisy"][smooth][order]
+        # One candidate per step (a step evaluated twice gives the same D(h) twice: no evidence).
+        once = xp.ones(sp.shape, dtype=xp.bool)
+        once[1:] = (sp[1:] != sp[:-1]) | (xp.abs(sh[1:] - sh[:-1]) > 1e-9 * sh[1:])
+        sp, sh, sn, se, scentral, snoisy = (
+            sp[once],
+            sh[once],
+            sn[once],
+            se[once],
+            scentral[once],
+            snoisy[once],
+        )
         count = xp.zeros((n,), dtype=xp.int64)
         host_add_at(count, sp, 1)
         best_n, best_e, best_h, best_c = (xp.full((n,), xp.nan) for _ in range(4))
+        best_noisy = xp.zeros((n,), dtype=xp.bool)
         best_e = xp.asarray(inf, copy=True)
         # Single candidates, and the first of each probe's list as a start.
         first = xp.ones(sp.shape, dtype=xp.bool)
         first[1:] = sp[1:] != sp[:-1]
         best_n[sp[first]], best_e[sp[first]] = sn[first], se[first]
         best_h[sp[first]], best_c[sp[first]] = sh[first], scentral[first]
+        best_noisy[sp[first]] = snoisy[first]
         inconsistent = xp.zeros((n,), dtype=xp.bool)
         if sp.shape[0] > 1:
             same = sp[1:] == sp[:-1]
@@ -517,8 +561,10 @@ class Ladder:
             pick = xp.where(take_j, j, i)
             owner = sp[pick]
             best_n[owner], best_h[owner], best_c[owner] = sn[pick], sh[pick], scentral[pick]
-            best_e[owner] = xp.maximum(se[pick], gap[chosen])
-            inconsistent[owner] = gap[chosen] > 3.0 * xp.maximum(se[i], se[j])
+            best_noisy[owner] = snoisy[pick]
+            apart = gap[chosen] > 3.0 * xp.maximum(se[i], se[j])  # beyond what either bar explains
+            best_e[owner] = xp.where(apart, xp.maximum(se[pick], gap[chosen]), se[pick])
+            inconsistent[owner] = apart
         has_smooth = count > 0
         smallest_smooth = xp.asarray(inf, copy=True)
         host_min_at(smallest_smooth, sp, sh)
@@ -581,6 +627,7 @@ class Ladder:
             central,
             count,
             inconsistent & ~kink,
+            best_noisy & has_smooth & ~kink,
         )
 
     def _table(self) -> dict[str, Any]:
@@ -588,8 +635,17 @@ class Ladder:
         but neither (a kink crossed within ±2h)."""
         xp = host_namespace()
         plan = self.plan
-        settled = xp.nonzero(self.settled)[0]
-        noise = xp.zeros(settled.shape) if plan.notebook else self.first_noise[settled]
+        # Every probe's first step (±h): a candidate where it settled, or where its one-sided
+        # slopes agreed (no kink crossed within ±h); the others' D(h) may carry a kink's bias.
+        staged = xp.zeros((plan.size,), dtype=xp.bool)  # a five-point stencil at the first step
+        for s in self.stencils:
+            staged[s.probes[s.h == plan.step[s.probes]]] = True
+        settled = xp.nonzero(self.settled | (self.first_clean & ~staged & ~plan.notebook))[0]
+        if plan.notebook:
+            noise = xp.zeros(settled.shape)
+        else:
+            delta = xp.maximum(self._delta(), self.first_largest[settled])
+            noise = delta / plan.step[settled] + self.first_noise[settled]
         columns: dict[str, list[Any]] = {
             "probe": [settled],
             "step": [plan.step[settled]],
@@ -600,6 +656,7 @@ class Ladder:
             "high": [self.first[settled]],
             "convex": [xp.zeros(settled.shape, dtype=xp.bool)],
             "central": [self.first[settled]],
+            "noisy": [noise > 2 * self.first_noise[settled]],
         }
         for s in self.stencils:
             c = self._candidate(s)
@@ -614,6 +671,7 @@ class Ladder:
                 ("high", c.high),
                 ("convex", c.convex),
                 ("central", c.one),
+                ("noisy", c.roundoff > c.truncation),
             ):
                 columns[field].append(value)
         return {field: xp.concat(values) for field, values in columns.items()}

@@ -12,7 +12,7 @@ import pytest
 from helpers import assert_on, host
 
 from gcbackend import judge, plan
-from gcbackend.differences import Estimate, judged
+from gcbackend.differences import SENSITIVITY_SAFETY, Estimate, judged
 
 
 def _plan(analytic, *, grad_eps=2.0**-52, ulps=plan.ANALYTIC_ULPS, notebook=False):
@@ -95,9 +95,11 @@ def test_allowance_is_in_ulps_of_the_precision_judged_to_and_never_vanishes_at_z
     np.testing.assert_allclose(result.allowance, expected, rtol=1e-12)
     np.testing.assert_allclose(result.tolerance, 10 * 1e-10 + expected, rtol=1e-12)
     assert not result.off.any()
-    # A measured sensitivity (the forward's rounding) adds 3× itself.
-    moved = judged(planned, _estimate([1.0, -3.0, 1e-12], [1e-10] * 3, sensitivity=[1e-7, 0.0, 0.0]))
-    assert moved.allowance[0] == pytest.approx(expected[0] + 3e-7, rel=1e-12)
+    # A measured sensitivity (the forward's rounding, for 32 ulps of every input) adds a quarter
+    # of itself: 8 ulps' worth.
+    moved = judged(planned, _estimate([1.0, -3.0, 1e-12], [1e-10] * 3, sensitivity=[4e-7, 0.0, 0.0]))
+    assert moved.allowance[0] == pytest.approx(expected[0] + SENSITIVITY_SAFETY * 4e-7, rel=1e-12)
+    assert SENSITIVITY_SAFETY == 0.25
 
 
 def test_a_zero_gradient_with_float32_rounding_passes_a_real_bias_fails(backend):
