@@ -183,6 +183,7 @@ class Tie(NamedTuple):
     tensor: int
     members: tuple[int, ...]  # flat element indices
     target: float  # the backprop's value along it, Σ a_j·h_j
+    magnitude: float  # Σ |a_j|·h_j: what its rounding scales with
     numeric: float
     error: float
     kink: bool
@@ -445,7 +446,7 @@ def judged(plan: Any, estimate: Estimate) -> Judged:
     scale = _rms(n[informative]) if count else 0.0
     zeroish = xp.abs(n) <= SAFETY * e
     allowance = (
-        plan.ulps * plan.grad_eps * (xp.abs(a) + xp.abs(n) + xp.where(zeroish, scale, 0.0))
+        plan.ulps * plan.grad_eps * (plan.magnitude + xp.abs(n) + xp.where(zeroish, scale, 0.0))
         + SENSITIVITY_SAFETY * estimate.sensitivity
     )
     if plan.notebook:

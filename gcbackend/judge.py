@@ -157,7 +157,7 @@ def judge(
         ties = [t for t in estimate.ties if t.tensor == k]
         tie_failed = tie_vague = False
         for t in ties:
-            bar = SAFETY * t.error + plan.ulps[where][0] * plan.grad_eps[where][0] * abs(t.target)
+            bar = SAFETY * t.error + plan.ulps[where][0] * plan.grad_eps[where][0] * t.magnitude
             if t.kink:
                 nearest = min(max(t.target, t.low - t.error), t.high + t.error)
                 tie_vague |= abs(t.target - nearest) > bar

@@ -89,7 +89,7 @@ class Ladder:
         self.stencils: list[_Stencil] = []
         self.rounding_rows: list[_Stencil] | None = None
         self.ties: list[Tie] | None = None
-        self.tie_requests: list[tuple[int, tuple[int, ...], float]] = []
+        self.tie_requests: list[tuple[int, tuple[int, ...], float, float]] = []
         self.pending: Request | None = None
         self.reference: Any = None
         self.delta_floor = plan.eval_eps * abs(self.centre) if self.centre == self.centre else 0.0
@@ -179,7 +179,7 @@ class Ladder:
         )
         delta = xp.maximum(measured, plan.eval_eps * largest)
         bound = delta / h
-        allowance = plan.ulps[probes] * plan.grad_eps[probes] * (xp.abs(a) + xp.abs(one))
+        allowance = plan.ulps[probes] * plan.grad_eps[probes] * (plan.magnitude[probes] + xp.abs(one))
         relative = 10.0 * plan.eval_eps ** (2.0 / 3.0) * (xp.abs(a) + xp.abs(one))
         still = (rise == 0) & (fall == 0)
         agree = xp.abs(a - one) <= SETTLE_SAFETY * bound + relative + allowance
@@ -245,7 +245,7 @@ class Ladder:
         if plan.fixed:  # a step the user chose is the step used
             return
         a = plan.target[probes]
-        allowance = plan.ulps[probes] * plan.grad_eps[probes] * (xp.abs(a) + xp.abs(c.numeric))
+        allowance = plan.ulps[probes] * plan.grad_eps[probes] * (plan.magnitude[probes] + xp.abs(c.numeric))
         off = xp.abs(a - c.numeric) > SAFETY * c.error + allowance
         # A kink at θ persists at a smaller step; one a little way off vanishes there.
         jump = (stencil.rise - stencil.fall) / stencil.h
@@ -422,7 +422,8 @@ class Ladder:
             for g, group in enumerate(groups):
                 rows[g, plan.index[group]] = est.step[group]
                 target = float(xp.sum(plan.target[group] * est.step[group]))
-                requests.append((k, tuple(int(i) for i in plan.index[group]), target))
+                size = float(xp.sum(plan.magnitude[group] * est.step[group]))
+                requests.append((k, tuple(int(i) for i in plan.index[group]), target, size))
             directions[name] = rows
         if not directions:
             return None
@@ -438,13 +439,14 @@ class Ladder:
                 k,
                 members,
                 target,
+                size,
                 float(c.numeric[i]),
                 float(c.error[i]),
                 bool(c.kink[i]),
                 float(c.low[i]),
                 float(c.high[i]),
             )
-            for i, (k, members, target) in enumerate(self.tie_requests)
+            for i, (k, members, target, size) in enumerate(self.tie_requests)
             if bool(c.finite[i])
         ]
         del xp

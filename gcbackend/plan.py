@@ -74,6 +74,7 @@ class Plan(NamedTuple):
     segment: Any  # (P,) int: the tensor of each probe
     index: Any  # (P,) int: flat element (coordinates, sample) or direction number (screen)
     target: Any  # (P,) float64: the backprop's value compared
+    magnitude: Any  # (P,) float64: the size its rounding scales with (|g_j|; ‖g‖ for uᵀg)
     grad_eps: Any  # (P,) float64: eps of the precision the gradient is judged to
     ulps: (
         Any  # (P,) float64: how many of those ulps its rounding may be (ANALYTIC_ULPS or LOW_PRECISION_ULPS)
@@ -141,6 +142,7 @@ def plan(
     precision = {name: _judged_eps(prepared, name, xp) for name in names}
     rng = host_random(seed)
     segment, index, target, step, eps, ulps, units, sampled = [], [], [], [], [], [], None, None
+    magnitude: list[Any] = []
     if mode == "directions":
         units = {}
         for name, part in parts.items():
@@ -151,6 +153,9 @@ def plan(
             # of ReLU kinks per direction (a false alarm on a correct 1000-1000-1 net).
             units[name] = u / hx.linalg.vector_norm(u, axis=1, keepdims=True)
             target.append(units[name] @ grads[name])
+            # |uᵀe| ≤ ‖u‖·‖e‖ = ‖e‖ for the backprop's rounding e: uᵀg's rounding scales with ‖g‖,
+            # not with |uᵀg| (which cancels).
+            magnitude.append(hx.full((directions,), float(hx.linalg.vector_norm(grads[name]))))
             step.append(hx.full((directions,), float(hx.max(steps[name]))))
             index.append(hx.arange(directions))
     else:
@@ -166,6 +171,7 @@ def plan(
                 at = hx.arange(size)
             index.append(at)
             target.append(hx.take(grads[name], at))
+            magnitude.append(hx.abs(target[-1]))
             step.append(hx.take(steps[name], at))
     counts = tuple(int(t.shape[0]) for t in target)
     for k, name in enumerate(names):
@@ -185,6 +191,7 @@ def plan(
         hx.concat(segment),
         hx.concat(index),
         hx.concat(target),
+        hx.concat(magnitude),
         hx.concat(eps),
         hx.concat(ulps),
         hx.concat(step),

@@ -28,6 +28,7 @@ def _plan(analytic, *, grad_eps=2.0**-52, ulps=plan.ANALYTIC_ULPS, notebook=Fals
         segment=np.zeros(size, dtype=np.int64),
         index=np.arange(size),
         target=a,
+        magnitude=np.abs(a),
         grad_eps=np.full(size, grad_eps),
         ulps=np.full(size, ulps),
         step=np.full(size, 1e-5),
