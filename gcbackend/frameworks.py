@@ -193,6 +193,17 @@ def _copy(value: Any) -> Any:
 # --------------------------------------------------------------------------- PyTorch helpers
 
 
+def _refuse_threads(options: dict[str, Any], entry: str) -> None:
+    """PyTorch's RNG is process-global: the state pinned around each call (and restored
+    after it) would race between threads, so a PyTorch check runs its calls one at a time."""
+    if options.get("workers", 1) != 1:
+        raise InputError(
+            f"workers={options['workers']!r}: {entry} pins PyTorch's global RNG state around every call, "
+            "which threads would race on (and PyTorch already runs each call on its own threads); "
+            "drop workers="
+        )
+
+
 def _import_torch(entry: str) -> Any:
     try:
         import torch
@@ -378,6 +389,7 @@ def check_function(
     slots = tuple(name if name in checked else None for name in names)
     rng = host_random(seed)
     if framework == "torch":
+        _refuse_threads(options, "check_function")
         backward = _torch_backward(fn, inputs, slots, rng, seed, jvp)
         pinned = (seed, _cuda_devices(list(inputs)))
     else:
@@ -749,6 +761,7 @@ def check_module(
             f"check_module(module, *inputs) needs a torch.nn.Module, not {type(module).__name__}; "
             "for a function use gc.check_function(fn, *inputs)"
         )
+    _refuse_threads(options, "check_module")
     named = dict(module.named_parameters())
     checked = {name: p for name, p in named.items() if p.requires_grad}
     if not checked:

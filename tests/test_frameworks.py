@@ -446,6 +446,8 @@ def test_check_function_errors(torch):
     assert isinstance(info.value.__cause__, ZeroDivisionError)
     with pytest.raises(gc.CostError, match="no floating-point array"):
         gc.check_function(lambda x: torch.argmax(x), x)
+    with pytest.raises(gc.InputError, match="workers=2: check_function pins PyTorch's global RNG"):
+        gc.check_function(torch.sin, x, workers=2)
 
 
 def test_mixed_frameworks_are_refused(torch, jax):
@@ -648,6 +650,8 @@ def test_check_module_errors(torch):
         gc.check_module(frozen, torch.ones(1, 2))
     with pytest.raises(gc.InputError, match=r"not \.item\(\)"):
         gc.check_module(torch.nn.Linear(2, 1), torch.ones(3, 2), loss=lambda out: out.sum().item())
+    with pytest.raises(gc.InputError, match="workers=-1: check_module pins"):
+        gc.check_module(torch.nn.Linear(2, 1), torch.ones(3, 2), workers=-1)
     with pytest.raises(gc.CostError, match="module\\(\\*inputs\\) or loss raised RuntimeError"):
         gc.check_module(torch.nn.Linear(2, 1), torch.ones(3, 5))
 

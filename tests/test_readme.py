@@ -8,7 +8,7 @@ What the README shows is compared with what the code does:
   block's printed output, line by line, where a line ``...`` stands for any number of lines;
 * ``gc.check(...)`` in "The cost contract" is the real signature.
 
-Blocks that need what this machine lacks (CuPy and a GPU) are skipped with the reason;
+Blocks that need what this machine lacks (CuPy and a GPU, PyTorch, JAX) are skipped with the reason;
 blocks whose claim waits on another issue are xfail with its number.
 """
 
@@ -132,6 +132,13 @@ def _needs(block: Block) -> str | None:
             return f"needs CuPy and a CUDA device ({type(exc).__name__})"
     if "dask" in block.code:
         pytest.importorskip("dask.distributed")
+    # The framework sections share one namespace: a block that uses torch (or jax) without
+    # importing it relies on an earlier block that did.
+    for library, extra in (("torch", "torch"), ("jax", "jax")):
+        if re.search(rf"\b{library}\.|import {library}\b", block.code):
+            pytest.importorskip(
+                library, reason=f"{library} is not installed (pip install 'gcbackend[{extra}]')"
+            )
     return None
 
 
@@ -166,6 +173,20 @@ def _params():
         if block.section in WAITING:
             marks.append(pytest.mark.xfail(reason=WAITING[block.section], strict=True))
         yield pytest.param(i, id=f"{block.section}@{block.line}", marks=marks)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _jax_x64_restored():
+    """The JAX example turns float64 on for the process; the tests after this module get
+    JAX's setting back as it was."""
+    try:
+        import jax
+    except ImportError:
+        yield
+        return
+    before = jax.config.jax_enable_x64
+    yield
+    jax.config.update("jax_enable_x64", before)
 
 
 @pytest.mark.parametrize("index", list(_params()))
