@@ -850,12 +850,12 @@ def check_module(
 
 
 def _stray_tensors_hint(module: Any) -> str:
-    """Advice naming the floating tensors the module holds as plain attributes (neither
-    parameters nor buffers): those are not upcast, and meet float64 parameters."""
+    """Advice naming the float32/float16 tensors the module holds as plain attributes
+    (neither parameters nor buffers): those are not upcast, and meet float64 parameters."""
     stray = []
     for prefix, sub in module.named_modules():
         for key, value in vars(sub).items():
-            if key.startswith("_") or not _floating(value):
+            if key.startswith("_") or not _floating(value) or _low_precision([value]) == []:
                 continue
             stray.append((f"{prefix}.{key}" if prefix else key, str(value.dtype).split(".")[-1]))
     if stray:

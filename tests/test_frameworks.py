@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from array_api_compat import array_namespace, device
 from helpers import assert_bitwise_equal, assert_on, host, snapshot
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import gcbackend as gc
@@ -154,6 +154,47 @@ def test_tuple_outputs_and_two_inputs(torch, dtype, bug):
     assert report.verdict == ("pass" if bug is None else "fail")
 
 
+# A planted bug is visible to a check in a dtype when some element of the gradient it
+# corrupts moves by more than 4× the float judge's allowance for that dtype's backprop
+# (32 ulps × (|g_j| + rms(g))): below that it is within the dtype's own rounding, and a
+# check that passes it is right. The properties below draw bugs on both sides and demand
+# a fail on the visible side only; a bug below the dtype's resolution must not be blamed on
+# another input either.
+VISIBLE_ULPS = 4 * 32
+
+
+def _corruption(make, bug, inputs):
+    """Per input name, max_j |Δ_j| / (|g_j| + rms(g)) between the buggy and the correct
+    backward's gradients, in float64 at the inputs' values, for check_function's dout."""
+    torch = _torch()
+    rng = np.random.default_rng(0)  # check_function(seed=0) draws its douts so
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    outs = make().apply(*wide)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    douts = [torch.asarray(rng.standard_normal(tuple(o.shape)), dtype=inputs[0].dtype).double() for o in outs]
+    good = torch.autograd.grad(outs, wide, douts)
+    outs = make(bug).apply(*wide)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    bad = torch.autograd.grad(outs, wide, douts)
+    sizes = []
+    for g, h in zip(good, bad):
+        scale = g.abs() + torch.sqrt(torch.mean(g * g))
+        sizes.append(float(torch.max((h - g).abs() / torch.where(scale > 0, scale, 1.0))))
+    return sizes
+
+
+def _expected_faults(make, bug, names, inputs, dtype):
+    """The inputs a check must fail (a visible corruption), or None where some input's
+    corruption is neither zero nor visible (hypothesis then draws another case)."""
+    if bug is None:
+        return set()
+    resolution = VISIBLE_ULPS * float(np.finfo(dtype).eps)
+    sizes = _corruption(make, bug, inputs)
+    if any(0 < size <= resolution for size in sizes):
+        return None
+    return {name for name, size in zip(names, sizes) if size > resolution}
+
+
 @given(
     dtype=st.sampled_from(DTYPES),
     bug=st.sampled_from(BUGS),
@@ -164,9 +205,12 @@ def test_tuple_outputs_and_two_inputs(torch, dtype, bug):
 def test_property_custom_function_verdicts(dtype, bug, m, k, seed):
     torch = _torch()
     x, w, b = _affine_inputs(torch, getattr(torch, dtype), m, k, seed)
+    faults = _expected_faults(affine_tanh, bug, ("x", "w", "b"), (x, w, b), dtype)
+    assume(faults is not None)
     report = gc.check_function(affine_tanh(bug).apply, x, w, b)
-    assert set(report.faults) == AFFINE_FAULTS[bug]
-    assert report.verdict == ("pass" if bug is None else "fail")
+    assert set(report.faults) == faults
+    assert faults <= AFFINE_FAULTS[bug]
+    assert report.verdict == ("fail" if faults else "pass")
 
 
 @given(
@@ -179,9 +223,12 @@ def test_property_tuple_outputs(dtype, bug, shape, seed):
     torch = _torch()
     rng = np.random.default_rng(seed)
     a, b = (torch.asarray(rng.standard_normal(shape), dtype=getattr(torch, dtype)) for _ in range(2))
+    faults = _expected_faults(sine_pair, bug, ("a", "b"), (a, b), dtype)
+    assume(faults is not None)
     report = gc.check_function(sine_pair(bug).apply, a, b)
-    assert set(report.faults) == PAIR_FAULTS[bug]
-    assert report.verdict == ("pass" if bug is None else "fail")
+    assert set(report.faults) == faults
+    assert faults <= PAIR_FAULTS[bug]
+    assert report.verdict == ("fail" if faults else "pass")
 
 
 @ISSUE_18
