@@ -8,7 +8,7 @@ What the README shows is compared with what the code does:
   block's printed output, line by line, where a line ``...`` stands for any number of lines;
 * ``gc.check(...)`` in "The cost contract" is the real signature.
 
-Blocks that need what this machine lacks (CuPy and a GPU) are skipped with the reason;
+Blocks that need what this machine lacks (CuPy and a GPU, PyTorch, JAX) are skipped with the reason;
 blocks whose claim waits on another issue are xfail with its number.
 """
 
@@ -132,7 +132,22 @@ def _needs(block: Block) -> str | None:
             return f"needs CuPy and a CUDA device ({type(exc).__name__})"
     if "dask" in block.code:
         pytest.importorskip("dask.distributed")
+    # The framework sections share one namespace: a block that uses torch (or jax) without
+    # importing it relies on an earlier block that did.
+    for library, label in (("torch", "PyTorch"), ("jax", "JAX")):
+        if re.search(rf"\b{library}\.|import {library}\b", block.code):
+            pytest.importorskip(
+                library, reason=f"{label} is not installed (pip install 'gcbackend[{library}]')"
+            )
     return None
+
+
+def _runnable(block: Block) -> bool:
+    """Whether an earlier block can run here: its skip must not skip the block being tested."""
+    try:
+        return _needs(block) is None
+    except pytest.skip.Exception:
+        return False
 
 
 _NAMESPACE: dict = {"__name__": "__main__"}  # the Dask example runs its guarded part
@@ -144,7 +159,7 @@ def _run(index: int) -> str:
     for earlier in range(index):
         if earlier not in _RAN:
             _RAN.add(earlier)
-            if _needs(BLOCKS[earlier]) is None:
+            if _runnable(BLOCKS[earlier]):
                 with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
                     exec(
                         compile(BLOCKS[earlier].code, f"README.md:{BLOCKS[earlier].line}", "exec"), _NAMESPACE
@@ -166,6 +181,20 @@ def _params():
         if block.section in WAITING:
             marks.append(pytest.mark.xfail(reason=WAITING[block.section], strict=True))
         yield pytest.param(i, id=f"{block.section}@{block.line}", marks=marks)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _jax_x64_restored():
+    """The JAX example turns float64 on for the process; the tests after this module get
+    JAX's setting back as it was."""
+    try:
+        import jax
+    except ImportError:
+        yield
+        return
+    before = jax.config.jax_enable_x64
+    yield
+    jax.config.update("jax_enable_x64", before)
 
 
 @pytest.mark.parametrize("index", list(_params()))
