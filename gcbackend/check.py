@@ -322,7 +322,12 @@ class _Evaluation:
         order = hx.argsort(segments, stable=True)
         probes, steps_wanted = probes[order], request.steps[order]
         segments = segments[order]
-        whole = probes.shape[0] == planned.size and planned.coverage.kind == "elements"
+        # Every element in its natural order: the evaluation's one-call path for a small θ.
+        whole = (
+            probes.shape[0] == planned.size
+            and planned.coverage.kind == "elements"
+            and bool(hx.all(probes == hx.arange(planned.size)))
+        )
         elements, steps, directions = {}, {}, None
         if planned.coverage.kind == "directions":
             directions = {}
@@ -341,10 +346,12 @@ class _Evaluation:
             theta = self.prepared.parts[name]
             wanted_steps = to_backend(hx.reshape(full, shape), backend, dtype=theta.dtype)
             # The notebook's ε is used as it is (its quotient divides by 2ε); every other step is
-            # made exact, so the step the cost sees is the step the quotient divides by.
+            # made exact, so the step the cost sees is the step the quotient divides by. At a
+            # perturbed base (the forward's rounding, measured) the step stays the one at θ: θ̃ is
+            # off the parameter's own grid, and D(h) there is compared with D(h) at θ.
             steps[name] = (
                 wanted_steps
-                if planned.notebook
+                if planned.notebook or request.base
                 else differences.snap(theta, wanted_steps, self.prepared.dtypes[name], xp)
             )
             elements[name] = to_backend(hx.asarray(at, dtype=hx.int64), backend)

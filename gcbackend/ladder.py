@@ -143,7 +143,7 @@ class Ladder:
             (self._take_rounding if self.rounding_rows == [] else self._take_ties)(costs)
             return
         if request.base:
-            self._take_sensitivity(request, costs)
+            self._take_sensitivity(request, costs, steps)
             return
         probes = request.probes
         self.h[probes] = steps
@@ -483,10 +483,10 @@ class Ladder:
         self.pending = Request(probes, est.step[probes], (1.0, -1.0), base=1, perturbation=size)
         return self.pending
 
-    def _take_sensitivity(self, request: Request, costs: Any) -> None:
+    def _take_sensitivity(self, request: Request, costs: Any, steps: Any) -> None:
         xp = host_namespace()
         probes = request.probes
-        moved = (costs[0, :] - costs[1, :]) / (2 * request.steps)
+        moved = (costs[0, :] - costs[1, :]) / (2 * steps)
         change = moved - self.reference[probes]
         change = xp.where(xp.isfinite(change), change, 0.0)
         previous = self.sensitivity[probes] ** 2 * (request.base - 1)
