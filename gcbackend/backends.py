@@ -209,7 +209,11 @@ def to_host(x: Any) -> Any:
     if isinstance(x, np.ndarray) or isinstance(x, (np.generic, bool, int, float, complex)):
         return np.asarray(x)
     if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().numpy()
+        import torch  # the array's own library: imported already
+
+        x = x.detach().cpu()
+        # NumPy has no bfloat16; float32 holds every bfloat16 exactly.
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
     if array_api_compat.is_cupy_array(x):
         return x.get()
     if array_api_compat.is_dask_array(x):

@@ -114,6 +114,12 @@ SENSITIVITY_SAFETY = 0.25
 gradient under that 32-ulp perturbation (two samples, root mean square): 8 ulps' worth. On
 trained float32 PyTorch models (MSE, tanh; 4 seeds, 2,000 Adam steps) the float32 backprop's
 error was at most 0.094 of it (median 0.005): a margin of 2.7× at the worst element."""
+SENSITIVITY_FLOOR = 30.0
+"""…and every value of a low-precision gradient this many times the root mean square of the
+changes measured: where the forward's rounding is at quantities the inputs barely move (a
+softmax saturated at 1 after long training, whose p − 1 loses float32's digits), one value's
+own change can be 300× below its error, the model's typical change not (≤ 11× measured, on
+trained float32 cross-entropy nets)."""
 SENSITIVITY_BATCH = 32
 """Off probes of one tensor re-measured per round, the worst first."""
 
@@ -434,7 +440,8 @@ def judged(plan: Any, estimate: Estimate) -> Judged:
     has a true gradient of 0 and a float32 backprop leaves ±1e-9 of rounding there, which must not
     be judged against a scale that is itself 0 — plus SENSITIVITY_SAFETY × the measured change of
     the true gradient under a few ulps of perturbation of every input (a low-precision forward's
-    rounding, which every gradient inherits)."""
+    rounding, which every gradient inherits), and SENSITIVITY_FLOOR × the typical such change for
+    every value of a low-precision gradient."""
     xp = host_namespace()
     a = plan.target
     finite = ~estimate.undetermined
@@ -445,9 +452,13 @@ def judged(plan: Any, estimate: Estimate) -> Judged:
     count = max(int(xp.sum(informative)), 1)
     scale = _rms(n[informative]) if count else 0.0
     zeroish = xp.abs(n) <= SAFETY * e
+    measured = estimate.sensitivity[estimate.sensitivity > 0]
+    low = plan.grad_eps > 1e3 * plan.eval_eps
+    floor = SENSITIVITY_FLOOR * _rms(measured) if measured.shape[0] else 0.0
     allowance = (
         plan.ulps * plan.grad_eps * (plan.magnitude + xp.abs(n) + xp.where(zeroish, scale, 0.0))
         + SENSITIVITY_SAFETY * estimate.sensitivity
+        + xp.where(low, floor, 0.0)
     )
     if plan.notebook:
         allowance = xp.zeros_like(a)

@@ -274,19 +274,20 @@ def _auto_verdict(
         # smooth element's error can hide there. The screen never passes what it cannot see.
         return "inconclusive", "screen"
     xp = host_namespace()
-    bound = noise_bound(plan.eval_eps)
-    if not math.isfinite(noise_rel) or noise_rel > bound:
+    if not math.isfinite(noise_rel) or noise_rel > noise_bound(plan.eval_eps):
         return "inconclusive", "noise"
     coarse = float(xp.max(plan.grad_eps[where])) if plan.counts else 0.0
-    if not math.isfinite(resolution) or resolution > max(PRECISION, 8 * coarse, (SAFETY + 1) * bound):
-        return "inconclusive", "precision"
+    if not math.isfinite(resolution) or resolution > max(PRECISION, 8 * coarse):
+        # The finite differences' share, or the backprop's own precision's.
+        return "inconclusive", "noise" if (SAFETY + 1) * noise_rel > resolution / 2 else "precision"
     return "pass", ""
 
 
 def noise_bound(eval_eps: float) -> float:
-    """INCONCLUSIVE where J is evaluated in float64; 1e5·eps (1.2 % in float32) in a coarser
-    dtype, whose finite differences cannot resolve 0.1 % (JAX without x64, upcast=False)."""
-    return max(INCONCLUSIVE, 1e5 * eval_eps)
+    """INCONCLUSIVE where J is evaluated in float64. In a coarser dtype (JAX without x64,
+    upcast=False) the finite differences cannot resolve 0.1 %: there the resolution's own bound
+    (PRECISION) decides."""
+    return INCONCLUSIVE if eval_eps < 1e-10 else math.inf
 
 
 def _quiet(stats: Mapping[str, float], plan: Plan, epsilon: Any, delta: float, count: int) -> bool:

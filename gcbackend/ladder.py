@@ -26,7 +26,7 @@ from typing import Any
 from .backends import host_add_at, host_max_at, host_min_at, host_namespace, host_random
 from .differences import (
     IMPROVE,
-    KINK_RATIO,
+    KINK_SIGNIFICANCE,
     LADDER_FACTOR,
     LADDER_ROUNDS,
     ROUNDING_DIRECTIONS,
@@ -211,6 +211,11 @@ class Ladder:
         )
 
     def _delta(self) -> float:
+        if self.plan.notebook:  # no J(θ) nor stencils: J's own rounding at the values seen, a floor
+            xp = host_namespace()
+            seen = xp.concat([self.values[1.0], self.values[-1.0]])
+            seen = seen[xp.isfinite(seen)]
+            return self.plan.eval_eps * float(xp.max(xp.abs(seen))) if seen.shape[0] else 0.0
         return _rounding(self.stencils + (self.rounding_rows or []), self.delta_floor)
 
     def _candidate(self, stencil: _Stencil) -> Any:
@@ -249,8 +254,11 @@ class Ladder:
         off = xp.abs(a - c.numeric) > SAFETY * c.error + allowance
         # A kink at θ persists at a smaller step; one a little way off vanishes there.
         jump = (stencil.rise - stencil.fall) / stencil.h
-        before = self.kink_jump[probes]
-        confirmed = c.kink & xp.isfinite(before) & (xp.abs(jump - before) < KINK_RATIO * xp.abs(jump))
+        # A kink is followed down while its jump would still stand out of J's rounding at the next
+        # step: a corner a little way off (d ≪ h looks like one at θ) vanishes below d.
+        delta = max(self._delta(), 0.0)
+        resolvable = xp.abs(jump) > KINK_SIGNIFICANCE * delta * LADDER_FACTOR / stencil.h
+        confirmed = c.kink & ~resolvable
         self.kink_jump[probes] = xp.where(c.kink, jump, xp.nan)
         target = max(IMPROVE, 1e4 * plan.eval_eps) * (xp.abs(a) + xp.abs(c.numeric))
         vague = ~off & (c.error > target) & ~c.kink & ~c.still

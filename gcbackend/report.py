@@ -341,9 +341,13 @@ def _element_lines(report: Report, name: str) -> list[str]:
 def _coverage(report: Report) -> str:
     """What was compared, where it is not every element: "80 of 5560 elements (sampled)"."""
     if report.coverage == "sample":
-        return f"{report.checked} of {report.size} elements (sampled)"
+        return f"sampled, {report.checked} of {report.size} elements"
     if report.coverage == "directions":
-        return f"{report.checked} directional derivatives over {report.size} elements (fast screen)"
+        per = report.checked // max(len(report.parameters), 1)
+        return (
+            f"fast screen, {report.checked} of {report.size}: directional derivatives along {per} seeded "
+            "directions per tensor"
+        )
     return ""
 
 
@@ -392,7 +396,7 @@ def _view(report: Report) -> _View:
     if report.verdict == "pass":
         if coverage:
             lines.append(
-                f"The values checked agree with the finite differences: {coverage}; the rest was not "
+                f"The values checked agree with the finite differences ({coverage}); the rest was not "
                 f"checked. difference = {report.difference!r}"
             )
         else:
@@ -411,7 +415,9 @@ def _view(report: Report) -> _View:
             )
             lines.append(NOTEBOOK_CAVEAT)
     elif report.verdict == "fail":
-        lines.append(f"{FAIL_SENTENCE} difference = {report.difference!r}")
+        lines.append(
+            f"{FAIL_SENTENCE} difference = {report.difference!r}" + (f" ({coverage})" if coverage else "")
+        )
         culprits = _culprits(report)
         lines.append("Parameters at fault, worst first: " + ", ".join(report._named(culprits)))
         unsure = [p.name for p in report.parameters.values() if p.verdict == "inconclusive"]
@@ -425,7 +431,9 @@ def _view(report: Report) -> _View:
             lines.extend(_element_lines(report, name))
     else:
         lines.append(
-            f"{INCONCLUSIVE_SENTENCE} difference = {report.difference!r}; "
+            f"{INCONCLUSIVE_SENTENCE} difference = {report.difference!r}"
+            + (f" ({coverage})" if coverage else "")
+            + "; "
             + "; ".join(_reasons(report))
             + "."
         )
