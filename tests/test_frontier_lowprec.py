@@ -71,8 +71,9 @@ def _lowprec_case(dtype, kind, seed, k, d, m):
 
 
 def _assert_rounded_once(given, exact, dtype):
-    """The truth: ``given`` is ``exact`` rounded to dtype, no more."""
-    assert np.all(np.abs(given - exact) <= EPS[dtype] * np.abs(exact) + 1e-300)
+    """The truth: ``given`` is ``exact`` rounded to dtype, no more (half an ulp; float16's
+    subnormals below 6.1e-5 are spaced 2**-24 apart)."""
+    assert np.all(np.abs(given - exact) <= EPS[dtype] * np.abs(exact) + 2.0**-25)
 
 
 def _judge(report_of, W, X, exact, dtype, context):
@@ -198,8 +199,7 @@ MIXED = {
     seed=st.integers(0, 10_000),
 )
 def test_mixed_magnitudes_small_ones_sign_flipped_never_pass(backend, dtype, n, large, magnitude, seed):
-    if not has_dtype(backend, dtype):
-        pytest.skip(f"{backend.name} has no {dtype} (the standard does not require it)")
+    assume(has_dtype(backend, dtype))  # array-api-strict has no float16 (not required by the standard)
     assume(large < n // 2)
     xp = backend.xp
     magnitudes, (low, high) = MIXED[dtype]

@@ -135,7 +135,8 @@ def test_bias_before_batchnorm_under_the_notebook_settings_follows_the_notebook_
     # The other gradients are right, so the notebook's rule passes: the overall difference is
     # rounding (float32 grads: 5e-8 … 1.4e-7 at these seeds; float64: ~5e-9), under 2e-7.
     assert ours < 2e-7, ours
-    assert report.difference == pytest.approx(ours, rel=0.05), str(report)
+    # The same numbers up to the order of evaluation (float64's ~5e-9 is rounding noise itself).
+    assert report.difference == pytest.approx(ours, rel=0.25, abs=2e-8), str(report)
     assert report.verdict == "pass", str(report)
 
 
@@ -151,7 +152,7 @@ def _exact(values) -> list[Fraction]:
 
 def _near_minimum(seed, n, s):
     rng = np.random.default_rng(seed)
-    c = rng.normal(size=n)
+    c = rng.uniform(0.5, 2.0, n) * rng.choice([-1.0, 1.0], n)  # |θ − c| ≪ |c|/2: Sterbenz applies
     theta = c + s * rng.normal(size=n)
     g = 2 * (theta - c)
     # The gradient is exact: θ − c has no rounding (Sterbenz) and doubling none.
