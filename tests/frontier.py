@@ -79,8 +79,12 @@ def torch_or_skip():
     return pytest.importorskip("torch", reason="PyTorch is not installed (pip install 'gcbackend[test]')")
 
 
-def mpmath_or_skip():
-    return pytest.importorskip("mpmath", reason="mpmath is not installed (the truth of this test needs it)")
+def mpmath_or_skip(digits: int):
+    """A private mpmath context at ``digits`` decimal digits (mpmath's global one is left alone)."""
+    mpmath = pytest.importorskip("mpmath", reason="mpmath is not installed (the truth of this test needs it)")
+    context = mpmath.MPContext()
+    context.dps = digits
+    return context
 
 
 def table_end(report) -> int:

@@ -261,8 +261,7 @@ def _reduced_case(kind, seed, shape, special):
 
 
 def _assert_reduced_truth(kind, W, C, g, indices):
-    mpmath = mpmath_or_skip()
-    mpmath.mp.dps = 40
+    mpmath = mpmath_or_skip(40)
     flat, weights = (
         [mpmath.mpf(float(w)) for w in W.reshape(-1)],
         [mpmath.mpf(float(c)) for c in C.reshape(-1)],

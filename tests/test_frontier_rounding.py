@@ -240,8 +240,7 @@ def test_cancellation_exact_gradients_never_fail(backend, seed, n, C, kind):
             return (C + xp.sum(xp.sin(t), axis=-1)) - C
 
         g = np.cos(theta)
-        mpmath = mpmath_or_skip()
-        mpmath.mp.dps = 50
+        mpmath = mpmath_or_skip(50)
         assert all(abs(mpmath.cos(mpmath.mpf(float(t))) - float(v)) <= 2**-52 * 1.0 for t, v in zip(theta, g))
     _judge_exact_and_wrong(backend, cost, theta, g, on(backend, c))
 
@@ -296,8 +295,7 @@ def _positive_case(seed, n, theta0):
 )
 def test_a_cost_defined_for_positive_theta_never_fails_near_zero(backend, seed, n, theta0, kind):
     xp = backend.xp
-    mpmath = mpmath_or_skip()
-    mpmath.mp.dps = 50
+    mpmath = mpmath_or_skip(50)
     theta = _positive_case(seed, n, theta0)
     if kind == "sqrt":
         cost, g = (lambda p: xp.sum(xp.sqrt(p), axis=-1)), 0.5 / np.sqrt(theta)
@@ -321,8 +319,7 @@ def _gaussian_nll(p, x):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @given(seed=st.integers(0, 10_000), var=st.sampled_from([1e-3, 1e-4, 1e-5, 1e-6]), m=st.sampled_from([8, 32]))
 def test_a_gaussian_nll_at_a_small_variance_never_fails(backend, seed, var, m):
-    mpmath = mpmath_or_skip()
-    mpmath.mp.dps = 50
+    mpmath = mpmath_or_skip(50)
     rng = np.random.default_rng(seed)
     mu = rng.normal()
     x = mu + math.sqrt(var) * rng.normal(size=m) * rng.uniform(0.5, 2.0)
