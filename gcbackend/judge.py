@@ -163,7 +163,9 @@ def judge(
                 tie_vague |= abs(t.target - nearest) > bar
             else:
                 tie_failed |= abs(t.target - t.numeric) > bar
-        independent = bool(xp.all(estimate.still[where])) and bool(xp.any(sa != 0))
+        independent = (
+            bool(xp.all(estimate.still[where])) and bool(xp.any(sa != 0)) and not stats["undetermined"]
+        )
         difference = _ratio(stats["gap"], size)
         noise_rel = _ratio(stats["noise"], floor_scale)
         allow_rel = _ratio(stats["allowance"], floor_scale)

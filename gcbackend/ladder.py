@@ -610,7 +610,9 @@ class Ladder:
         if plan.notebook:
             bar = xp.zeros((n,))
             finite = xp.isfinite(value)
-        still = xp.asarray(self.first_still, copy=True)
+        # J bit for bit unchanged at every point each probe was evaluated at (its first ±h where
+        # it had one, every stencil).
+        still = self.first_still | ~xp.isfinite(self.first)
         for s in self.stencils:
             still[s.probes] = (
                 still[s.probes] & (s.rise == 0) & (s.fall == 0) & (s.rise2 == 0) & (s.fall2 == 0)

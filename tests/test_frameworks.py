@@ -33,7 +33,6 @@ import gcbackend as gc
 from gcbackend.backends import to_backend
 
 
-
 @pytest.fixture(scope="module")
 def torch():
     return pytest.importorskip("torch", reason="PyTorch is not installed (pip install 'gcbackend[torch]')")
