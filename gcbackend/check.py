@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from . import differences, engine, inputs, judge
+from . import differences, inputs, judge
+from . import evaluation as engine
 from .backends import host_random, take, to_backend
 from .report import Report
 

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from . import engine
+from . import evaluation as engine
 from .backends import take, to_host
 from .params import Layout
 

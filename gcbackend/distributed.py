@@ -31,7 +31,7 @@ from typing import Any
 
 import array_api_compat
 
-from . import engine
+from . import evaluation as engine
 from .backends import Backend, is_array, to_backend, to_host
 from .errors import BackendUnavailableError, InputError, InputTypeError
 

@@ -21,7 +21,7 @@ from array_api_compat import array_namespace
 from helpers import assert_on, host
 
 import gcbackend as gc
-from gcbackend import engine
+from gcbackend import evaluation
 from gcbackend.models import mlp
 
 HAVE_DASK = all(importlib.util.find_spec(m) is not None for m in ("dask", "distributed"))
@@ -123,7 +123,7 @@ def test_inputs_travel_once_and_a_task_is_only_its_chunk_bounds(client, monkeypa
     for name, p in params.items():  # every row of every tensor, once, in order
         spans = [(start, stop) for tensor, start, stop in tasks if tensor == name]
         # issue 12: each tensor's first chunk is evaluated here, to choose (and verify) its path.
-        bounds = engine.chunk_bounds(2 * p.size, p.size, 8, engine.DEFAULT_MEMORY_BUDGET, name)
+        bounds = evaluation.chunk_bounds(2 * p.size, p.size, 8, evaluation.DEFAULT_MEMORY_BUDGET, name)
         assert spans == bounds[1:]
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 

@@ -508,7 +508,7 @@ def test_the_documented_hierarchy():
         gc.check(lambda p: p * 2.0, 1.0, 2.0, epsilon=-1)
 
 
-# Messages of the cost's own failures are the engine's (issue #12, "Any cost as written"):
+# Messages of the cost's own failures are the evaluation's (issue #12, "Any cost as written"):
 # pinned here as the reader needs them; #12's merge makes them pass (then drop the xfail).
 
 

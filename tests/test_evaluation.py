@@ -1,4 +1,4 @@
-"""engine: stacked equals loop within the rounding of the cost, at every chunk size."""
+"""evaluation: stacked equals loop within the rounding of the cost, at every chunk size."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from helpers import assert_on, host
 
 import gcbackend as gc
-from gcbackend import engine
+from gcbackend import evaluation
 from gcbackend.models import mlp
 from gcbackend.params import Layout
 
@@ -25,7 +25,7 @@ def _numeric(backend, dims, m, **options):
     X, Y, params = mlp.random_case(dims, m, seed=len(dims) + m, xp=backend.xp, device=backend.device)
     xp = backend.xp
     layout = Layout.of(params)
-    numeric = engine.central_differences(
+    numeric = evaluation.central_differences(
         mlp.cost, params, (X, Y), layout=layout, epsilon=1e-7, xp=xp, **options
     )
     max_cost = float(host(mlp.cost(params, X, Y)))
@@ -65,8 +65,8 @@ def test_one_row_chunks_match_loop_bitwise_on_numpy():
     X, Y, params = mlp.seed_case()
     layout = Layout.of(params)
     options = dict(layout=layout, epsilon=1e-7, xp=gc.backends.resolve("numpy", []).xp)
-    one_row = engine.central_differences(mlp.cost, params, (X, Y), memory_budget=8 * 20, **options)
-    loop = engine.central_differences(mlp.cost, params, (X, Y), mode="loop", **options)
+    one_row = evaluation.central_differences(mlp.cost, params, (X, Y), memory_budget=8 * 20, **options)
+    loop = evaluation.central_differences(mlp.cost, params, (X, Y), mode="loop", **options)
     for name in params:
         assert host(one_row[name]).tobytes() == host(loop[name]).tobytes(), name
 
@@ -81,7 +81,7 @@ def test_rows_are_the_notebooks_perturbed_vectors(backend):
         seen.append({k: host(v) for k, v in p.items()})
         return mlp.cost(p, X, Y)
 
-    engine.central_differences(
+    evaluation.central_differences(
         recording_cost,
         params,
         (X, Y),
@@ -110,16 +110,16 @@ def test_rows_are_the_notebooks_perturbed_vectors(backend):
 
 
 def test_chunk_rows_follow_the_budget():
-    assert engine.chunk_rows(1000, 10, 8, 800, "W") == 10
-    assert engine.chunk_rows(1000, 10, 8, 10**9, "W") == engine.MAX_CHUNK_ROWS
-    assert engine.chunk_rows(5, 10, 8, 10**9, "W") == 5
+    assert evaluation.chunk_rows(1000, 10, 8, 800, "W") == 10
+    assert evaluation.chunk_rows(1000, 10, 8, 10**9, "W") == evaluation.MAX_CHUNK_ROWS
+    assert evaluation.chunk_rows(5, 10, 8, 10**9, "W") == 5
     # A large tensor: as many copies as fit CACHE_BYTES, but never fewer than MIN_CHUNK_ROWS.
-    big = engine.CACHE_BYTES // (8 * 4)  # 4 copies of it fit
-    assert engine.chunk_rows(1000, big, 8, 10**12, "W") == engine.MIN_CHUNK_ROWS
-    assert engine.chunk_rows(1000, 32768, 8, 10**12, "W") == engine.CACHE_BYTES // (32768 * 8)
-    assert engine.chunk_rows(1000, big, 8, 2 * 8 * big, "W") == 2  # the memory budget still rules
+    big = evaluation.CACHE_BYTES // (8 * 4)  # 4 copies of it fit
+    assert evaluation.chunk_rows(1000, big, 8, 10**12, "W") == evaluation.MIN_CHUNK_ROWS
+    assert evaluation.chunk_rows(1000, 32768, 8, 10**12, "W") == evaluation.CACHE_BYTES // (32768 * 8)
+    assert evaluation.chunk_rows(1000, big, 8, 2 * 8 * big, "W") == 2  # the memory budget still rules
     with pytest.raises(gc.InputError, match=r"memory_budget=79 .* 'W'.* at least memory_budget=80"):
-        engine.chunk_rows(1000, 10, 8, 79, "W")
+        evaluation.chunk_rows(1000, 10, 8, 79, "W")
 
 
 def test_stacked_call_count_is_bounded(backend):
@@ -133,11 +133,11 @@ def test_stacked_call_count_is_bounded(backend):
 
     n = {k: math.prod(v.shape) for k, v in params.items()}
     budget = 50 * 8 * 200  # 50 rows of a 200-element tensor
-    engine.central_differences(
+    evaluation.central_differences(
         counting_cost, params, (X, Y), layout=Layout.of(params), epsilon=1e-7, xp=xp, memory_budget=budget
     )
     expected = sum(
-        math.ceil(2 * size / engine.chunk_rows(2 * size, size, 8, budget, k)) for k, size in n.items()
+        math.ceil(2 * size / evaluation.chunk_rows(2 * size, size, 8, budget, k)) for k, size in n.items()
     )
     assert expected == sum(math.ceil(2 * size / min(64, budget // (8 * size))) for size in n.values())
     assert len(calls) == expected
@@ -155,15 +155,15 @@ def test_a_runner_gets_every_tensors_chunks_at_once_and_changes_no_bit(backend, 
 
     def runner(stencil, chunks, progress):
         calls.append(list(chunks))
-        out = [engine.evaluate_chunk(stencil, chunk, xp=xp) for chunk in chunks]
+        out = [evaluation.evaluate_chunk(stencil, chunk, xp=xp) for chunk in chunks]
         progress(sum(stop - start for _, start, stop in chunks))
         return out
 
     options = dict(layout=layout, epsilon=1e-7, xp=xp)
     if budget is not None:
         options["memory_budget"] = budget  # 40 rows of W1 (120 elements) per call
-    local = engine.central_differences(mlp.cost, params, (X, Y), **options)
-    remote = engine.central_differences(
+    local = evaluation.central_differences(mlp.cost, params, (X, Y), **options)
+    remote = evaluation.central_differences(
         mlp.cost, params, (X, Y), runner=runner, progress=rows_done.append, **options
     )
     assert len(calls) == 1  # one hand-over for the whole check, not one per tensor
@@ -180,7 +180,7 @@ def test_a_runner_gets_every_tensors_chunks_at_once_and_changes_no_bit(backend, 
 
 def _tuned_case(backend, size=1500):
     """A quadratic J(w) = Σ c·w² over 2·size ≥ TUNE_MIN_ROWS rows: big enough to be tuned."""
-    assert 2 * size >= engine.TUNE_MIN_ROWS
+    assert 2 * size >= evaluation.TUNE_MIN_ROWS
     xp = backend.xp
     host_w = np.linspace(-1.0, 1.0, size)
     w = xp.asarray(host_w, dtype=xp.float64, device=backend.device)
@@ -189,7 +189,7 @@ def _tuned_case(backend, size=1500):
 
 
 def test_measured_chunk_sizes_stay_in_the_budget_and_change_no_bit(backend):
-    # On NumPy and torch CPU the rows per call are measured (engine._tuned_sizes); on every
+    # On NumPy and torch CPU the rows per call are measured (evaluation.tuned_sizes); on every
     # backend the answer must be the one of fixed chunks, bit for bit (each row's cost is
     # computed on its own), and no call may hold more rows than the memory budget allows.
     xp = backend.xp
@@ -202,23 +202,26 @@ def test_measured_chunk_sizes_stay_in_the_budget_and_change_no_bit(backend):
 
     layout = Layout.of(params)
     budget = 40 * 1500 * 8  # 40 rows of w per call, at most
-    tuned = engine.central_differences(
+    tuned = evaluation.central_differences(
         cost, params, (c,), layout=layout, epsilon=1e-6, xp=xp, memory_budget=budget
     )
     assert sum(sizes) == 3000 and max(sizes) <= 40
-    if engine._timed_on_host(xp, params["w"]):
+    if evaluation.timed_on_host(xp, params["w"]):
         # The trials first: TUNE_SIZES in order, two calls each, within the budget (which
         # sizes are tried past the first two depends on the clock); then the fastest of them.
         tried = []
-        while len(tried) < len(engine.TUNE_SIZES) and sizes[2 * len(tried)] == engine.TUNE_SIZES[len(tried)]:
-            assert sizes[2 * len(tried) + 1] == engine.TUNE_SIZES[len(tried)]
-            tried.append(engine.TUNE_SIZES[len(tried)])
+        while (
+            len(tried) < len(evaluation.TUNE_SIZES)
+            and sizes[2 * len(tried)] == evaluation.TUNE_SIZES[len(tried)]
+        ):
+            assert sizes[2 * len(tried) + 1] == evaluation.TUNE_SIZES[len(tried)]
+            tried.append(evaluation.TUNE_SIZES[len(tried)])
         assert tried[:2] == [4, 8] and max(tried) <= 40
         rest = sizes[2 * len(tried) : -1]  # the last call holds what is left
         assert len(set(rest)) == 1 and rest[0] in tried
     fixed_sizes = list(sizes)
     sizes.clear()
-    fixed = engine.central_differences(
+    fixed = evaluation.central_differences(
         cost, params, (c,), layout=layout, epsilon=1e-6, xp=xp, memory_budget=budget, mode="loop"
     )
     assert len(sizes) == 3000  # the loop: one row per call
@@ -230,7 +233,7 @@ def test_a_cost_returning_a_view_of_its_inputs_is_not_overwritten(backend):
     # that returns a view of its inputs (here J(w) = w_0) must still get its own costs.
     params, _, _ = _tuned_case(backend)
     layout = Layout.of(params)
-    numeric = engine.central_differences(
+    numeric = evaluation.central_differences(
         lambda p: p["w"][..., 0], params, (), layout=layout, epsilon=1e-3, xp=backend.xp
     )
     expected = np.zeros(1500)
@@ -251,7 +254,7 @@ def test_a_cost_writing_into_its_inputs_cannot_spoil_later_rows(backend):
         p["w"][...] = 0.0
         return J
 
-    numeric = engine.central_differences(vandal, params, (c,), layout=layout, epsilon=1e-3, xp=xp)
+    numeric = evaluation.central_differences(vandal, params, (c,), layout=layout, epsilon=1e-3, xp=xp)
     np.testing.assert_allclose(
         host(numeric["w"]), 2 * np.linspace(0.5, 2.0, 1500) * host_w, rtol=0, atol=1e-8
     )
@@ -263,7 +266,7 @@ def test_rows_are_c_contiguous_on_numpy():
     import array_api_compat.numpy as xp
 
     flat = xp.reshape(xp.asarray(np.arange(12.0)), (-1,))
-    rows, _ = engine.coordinate_rows(flat, xp.full((12,), 0.5), (1.0, -1.0), xp=xp)
+    rows, _ = evaluation.coordinate_rows(flat, xp.full((12,), 0.5), (1.0, -1.0), xp=xp)
     for start, stop in [(0, 5), (5, 9), (9, 24)]:  # a fresh buffer, a reused one, a larger one
         points = rows(start, stop)
         assert points.flags["C_CONTIGUOUS"] and points.shape == (stop - start, 12)

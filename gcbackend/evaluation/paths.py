@@ -1,0 +1,266 @@
+"""Which path evaluates a row group — broadcast, vmap or loop — and the proof that it is right.
+
+A batched path is used only after it is *verified* on this cost (``choose_path``): a small
+probe (2 rows) first, then the first full chunk, each compared with the same rows evaluated
+one at a time within ``AGREEMENT_ULPS``. The largest discrepancy accepted is recorded
+(``Path.discrepancy``) so the error bars can include it. ``mode="stacked"`` verifies too and
+raises CostError where the cost does not broadcast; ``mode="unverified"`` (internal: tests,
+benchmarks) is the stacked path without verification.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+
+from ..backends import to_host
+from ..errors import CostError
+from .calls import as_costs, call, contract, first_line, looped
+from .rows import RowGroup, Stencil
+from .vmap import can_vmap, vmapped
+
+__all__ = [
+    "AGREEMENT_ULPS",
+    "BROADCAST",
+    "MODES",
+    "Mismatch",
+    "Path",
+    "agree",
+    "batch_call",
+    "batched",
+    "choose_path",
+    "path_of",
+]
+
+MODES = ("auto", "stacked", "vmap", "loop")
+"""How check() may evaluate the rows: ``auto`` (the fastest path verified for this cost),
+``stacked`` (broadcast only, verified, CostError otherwise), ``vmap`` (PyTorch/JAX only),
+``loop`` (one call per row). The evaluation also takes ``unverified``: broadcast, trusted."""
+AGREEMENT_ULPS = 64.0
+"""Batched and single evaluations of a row must agree within AGREEMENT_ULPS·eps·(|J_b| + |J_s|).
+
+Legitimate re-association (a batched GEMM blocks its sums differently) moves J by a few
+ulps of the terms summed: README's bound 4·eps·(max|J| + S), S the sum of |terms|, which a
+black-box cost does not reveal. 64 ulps of |J| admits S up to ~16·|J|; a cost that does not
+broadcast (a sum over all B copies, an outer product) is off by O(|J|), 10^13 times more.
+A legitimate cost refused here only runs slower (the loop); one accepted is off by at most
+the discrepancy measured, which the error bars then include (``Path.discrepancy``)."""
+
+
+@dataclass(frozen=True)
+class Path:
+    """How a row group is evaluated, and why.
+
+    ``name`` is ``"broadcast"``, ``"vmap"`` or ``"loop"``; ``reason`` says why the faster
+    paths were not taken ("" when none was refused); ``discrepancy`` is the largest
+    |J_batched − J_single| seen while verifying (0 when bitwise equal, or not batched);
+    ``fresh`` means every call gets fresh copies of every input (the cost writes into them);
+    ``verified`` that batched calls are checked against single calls (every new batch size:
+    a cost may broadcast by coincidence at one size, e.g. a batch as long as the examples).
+    """
+
+    name: str
+    reason: str = ""
+    discrepancy: float = 0.0
+    fresh: bool = False
+    verified: bool = False
+
+
+BROADCAST = Path("broadcast")
+
+
+def path_of(paths: Mapping[str | None, Path] | None, tensor: str | None) -> Path:
+    """The path of ``tensor``'s rows: its own, else the whole-θ group's, else broadcast."""
+    if not paths:
+        return BROADCAST
+    return paths.get(tensor) or paths.get(None) or BROADCAST
+
+
+def agree(batched_value: float, single_value: float, eps: float) -> bool:
+    """Whether a batched and a single evaluation agree within AGREEMENT_ULPS (NaN agrees with NaN)."""
+    if batched_value == single_value or (math.isnan(batched_value) and math.isnan(single_value)):
+        return True
+    return abs(batched_value - single_value) <= AGREEMENT_ULPS * eps * (
+        abs(batched_value) + abs(single_value)
+    )
+
+
+def _differ(group: RowGroup, name: str, row: int, batched_value: float, single_value: float, size: int):
+    """(the reason, one line, and the CostError) for a batched value that is not the single one."""
+    where = group.describe(row)
+    reason = (
+        f"batched values differ from single calls at {where}: {batched_value:.10g} (batch of "
+        f"{size}) vs {single_value:.10g}"
+    )
+    error = CostError(
+        f"parameter {group.name!r} of shape {group.shape}: the cost's {name} values differ from "
+        f"single calls at {where}: {batched_value:.10g} evaluated in a batch of {size} rows, "
+        f"{single_value:.10g} alone, so the batched values cannot be trusted. "
+        + (contract(group.name, group.shape) if name == "broadcast" else "Use mode='auto' or mode='loop'.")
+    )
+    return reason, error
+
+
+class Mismatch(Exception):
+    """A verified batched path disagreed with a single call at a later chunk."""
+
+    def __init__(self, tensor: str | None, reason: str, error: CostError) -> None:
+        super().__init__(tensor, reason, error)
+        self.tensor, self.reason, self.error = tensor, reason, error
+
+
+class _Refused(Exception):
+    """A batched path does not hold for this cost: ``reason`` (one line) and ``error``."""
+
+    def __init__(self, reason: str, error: CostError) -> None:
+        super().__init__(reason)
+        self.reason, self.error = reason, error
+
+
+def batched(stencil: Stencil, group: RowGroup, path: Path, start: int, stop: int, *, xp: ModuleType) -> Any:
+    """One batched call (broadcast or vmap): the costs of rows [start, stop), shape (stop - start,).
+
+    On a verified path, the first call of every batch size not seen yet in this group has its
+    first row compared with a single call; a disagreement raises ``Mismatch``."""
+    costs = batch_call(stencil, group, path.name, group.rows(start, stop), start, stop, xp=xp)
+    sizes = None if group.memo is None or not path.verified else group.memo.setdefault("sizes", set())
+    if sizes is not None and stop - start not in sizes:
+        single = looped(stencil, group, start, start + 1, xp=xp, fresh=False)
+        batched_value, single_value = to_host(
+            xp.stack([xp.astype(costs[0], single.dtype), single[0]])
+        ).tolist()
+        if not agree(batched_value, single_value, float(xp.finfo(single.dtype).eps)):
+            reason, error = _differ(group, path.name, start, batched_value, single_value, stop - start)
+            raise Mismatch(group.tensor, reason, error)
+        sizes.add(stop - start)
+    return costs
+
+
+def batch_call(stencil, group, name, points, start, stop, *, xp):
+    """The costs of the rows ``points`` (some of rows [start, stop), named so in errors)."""
+    count = points.shape[0]
+    if name == "vmap":
+        memo = {} if group.memo is None else group.memo
+        mapped = memo.get("vmap")
+        if mapped is None:
+            mapped = memo["vmap"] = vmapped(stencil, group, xp)
+        padded = memo.get("rows", 0)
+        if array_api_compat.is_jax_namespace(xp) and count < padded:
+            # One shape per tensor, so jit compiles once: repeat the last row, drop its costs.
+            filler = xp.broadcast_to(points[-1:, ...], (padded - count, points.shape[1]))
+            points = xp.concat([points, filler])
+        memo["rows"] = max(padded, points.shape[0])
+        try:
+            out = mapped(points)
+            out = out[:count] if points.shape[0] > count else out
+        except Exception as exc:
+            raise CostError(
+                f"the cost raised {type(exc).__name__} under vmap: {exc} (at rows {start}..{stop - 1} "
+                f"perturbing parameter {group.name!r}). Pass mode='auto' or mode='loop'."
+            ) from exc
+        return as_costs(out, (count,), xp=xp, name=group.name, start=start, stop=stop, stacked=False)
+    params = group.batched(points)
+    out = call(
+        stencil.cost,
+        params,
+        stencil.args,
+        name=group.name,
+        start=start,
+        stop=stop,
+        stacked=True,
+        shape=group.shape,
+    )
+    return as_costs(
+        out, (count,), xp=xp, name=group.name, start=start, stop=stop, stacked=True, shape=group.shape
+    )
+
+
+def choose_path(
+    stencil: Stencil, group: RowGroup, stop: int, *, xp: ModuleType, requested: str
+) -> tuple[Path, Any]:
+    """The path for ``group``'s rows, decided on its first chunk, rows [0, stop), and their costs.
+
+    ``requested``: ``"auto"`` tries broadcast, then vmap (PyTorch, JAX), then loops;
+    ``"stacked"`` / ``"vmap"`` try only that path and raise CostError when it fails
+    verification; ``"loop"`` loops. A batched path is verified: a probe of 2 rows (the
+    first and last of the chunk) so a cost that builds B×B intermediates or fails does so
+    small and fast, those rows evaluated singly, then the full chunk, whose first and last
+    rows must agree with the singles too (within AGREEMENT_ULPS). A CostError raised by a
+    single evaluation is the cost's own error and is raised whatever the mode.
+    """
+    if requested == "loop":
+        return Path("loop", "mode='loop'"), looped(stencil, group, 0, stop, xp=xp, fresh=False)
+    candidates = {"auto": ("broadcast", "vmap"), "stacked": ("broadcast",), "vmap": ("vmap",)}[requested]
+    if group.tensor is None or not can_vmap(xp):
+        candidates = tuple(c for c in candidates if c != "vmap")
+    if requested == "vmap" and not candidates:
+        raise CostError(
+            f"mode='vmap' needs PyTorch or JAX (torch.func.vmap, jax.vmap); the check runs on "
+            f"{xp.__name__}. Use mode='auto' (the default) or mode='loop'"
+        )
+    picks = sorted({0, stop - 1})
+    singles: list[Any] = []
+    reasons = []
+    for name in candidates:
+        try:
+            costs, discrepancy = _verified(stencil, group, name, picks, stop, singles, xp=xp)
+        except _Refused as refused:
+            if requested != "auto":
+                raise refused.error from refused.error.__cause__
+            reasons.append(f"{name}: {refused.reason}")
+            continue
+        if group.memo is not None:
+            group.memo["sizes"] = {stop} | ({len(picks)} if name == "broadcast" else set())
+        return Path(name, "; ".join(reasons), discrepancy, verified=True), costs
+    return Path("loop", "; ".join(reasons)), looped(stencil, group, 0, stop, xp=xp, fresh=False)
+
+
+def _verified(stencil, group, name, picks, stop, singles, *, xp):
+    """The costs of rows [0, stop) by batched path ``name``, verified against single calls."""
+
+    def single_costs() -> list[Any]:
+        if not singles:  # evaluated once, shared by the candidates
+            singles.extend(looped(stencil, group, r, r + 1, xp=xp, fresh=False) for r in picks)
+        return singles
+
+    def attempt(points, start, last):
+        try:
+            return batch_call(stencil, group, name, points, start, last, xp=xp)
+        except CostError as error:
+            single_costs()  # a cost that fails on one point too: its own error, raised as such
+            cause = error.__cause__
+            what = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
+            raise _Refused(first_line(what), error) from None
+
+    # vmap maps the cost over rows one by one (no B×B intermediates to fear): no probe.
+    found = []
+    if name == "broadcast":
+        probe_points = xp.concat([xp.asarray(group.rows(r, r + 1), copy=True) for r in picks])
+        probe = attempt(probe_points, 0, len(picks))
+        found.append(probe)
+    if stop > len(picks) or not found:
+        full = attempt(group.rows(0, stop), 0, stop)
+        found.append(xp.stack([full[0], full[stop - 1]]))
+        costs = full
+    else:
+        costs = probe
+    reference = xp.concat([xp.reshape(s, (1,)) for s in single_costs()])
+    values = to_host(
+        xp.stack([xp.astype(xp.concat(found), reference.dtype), xp.concat([reference] * len(found))])
+    )
+    batched_values, single_values = values.tolist()
+    eps = float(xp.finfo(reference.dtype).eps)
+    worst = 0.0
+    for i, (b, s) in enumerate(zip(batched_values, single_values)):
+        if b == s or (math.isnan(b) and math.isnan(s)):
+            continue
+        if not agree(b, s, eps):
+            size = len(picks) if i < len(picks) else stop
+            raise _Refused(*_differ(group, name, picks[i % len(picks)], b, s, size))
+        worst = max(worst, abs(b - s))
+    return costs, worst
