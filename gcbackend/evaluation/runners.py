@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
+from .limits import one_blas_thread
 from .passes import evaluate_chunk
 from .rows import Chunk, Stencil
 
@@ -43,7 +44,8 @@ class ThreadRunner:
     the stacked forward of a small network is mostly such operations (bias, ReLU, the
     loss), so on a machine with k cores the chunks run up to k times faster side by side.
     BLAS is held to one thread per call meanwhile (threadpoolctl), so the threads do not
-    oversubscribe the cores, and restored afterwards. Each thread keeps its own row groups,
+    oversubscribe the cores, and restored afterwards by the last check holding it
+    (``limits.one_blas_thread``: checks running at once must not restore each other's limit). Each thread keeps its own row groups,
     so its row buffer is reused from chunk to chunk; a chunk's rows and operations are the
     local pass's, so the costs are too (bitwise on NumPy, where OpenBLAS splits a GEMM
     across threads without splitting its dot products). ``progress`` is told in chunk
@@ -53,10 +55,7 @@ class ThreadRunner:
     """
 
     def __init__(self, workers: int, xp: ModuleType) -> None:
-        from threadpoolctl import ThreadpoolController
-
         self.workers, self.xp = workers, xp
-        self.controller = ThreadpoolController()  # once: each limit() is then cheap
 
     def __call__(
         self, stencil: Stencil, chunks: list[Chunk], progress: Callable[[int], Any] | None
@@ -70,7 +69,7 @@ class ThreadRunner:
             return [_told(run(chunk), chunk, progress) for chunk in chunks]
         pool = ThreadPoolExecutor(min(self.workers, len(chunks)), thread_name_prefix="gcbackend")
         try:
-            with self.controller.limit(limits=1, user_api="blas"):
+            with one_blas_thread():  # process-wide: concurrent checks share it, the last restores it
                 futures = [pool.submit(run, chunk) for chunk in chunks]
                 return [_told(future.result(), chunk, progress) for future, chunk in zip(futures, chunks)]
         finally:

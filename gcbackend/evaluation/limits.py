@@ -1,0 +1,100 @@
+"""Process-wide settings a check holds while it evaluates: BLAS threads, PyTorch's threads.
+
+Such a setting belongs to the process, not to a check: two checks that each saved it, set
+it and restored it on their own would race (the second saves the first one's limit and
+"restores" it last, leaving the process limited for good). So each is a ``Hold``: the
+first check in sets it, later ones only count themselves in, and the last one out
+restores what the first one found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = ["Hold", "one_blas_thread", "one_torch_thread"]
+
+
+class Hold:
+    """A process-wide setting held by any number of checks at once (threads included).
+
+    ``take()`` applies the setting and returns the function that undoes it; it is called
+    by the first holder and undone by the last one to leave."""
+
+    def __init__(self, take: Callable[[], Callable[[], Any]]) -> None:
+        self._take = take
+        self._lock = threading.Lock()
+        self._count = 0
+        self._undo: Callable[[], Any] | None = None
+
+    @property
+    def holders(self) -> int:
+        """How many holders are in now."""
+        return self._count
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._count == 0:
+                self._undo = self._take()
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+                if self._count == 0:
+                    undo, self._undo = self._undo, None
+                    undo()
+
+
+_CONTROLLER: list[Any] = []  # [ThreadpoolController, len(sys.modules) when it was made]
+
+
+def _blas_controller() -> Any:
+    """One threadpoolctl controller (finding the loaded libraries takes about a millisecond),
+    made again only when modules were imported since: a library loaded later is seen too."""
+    from threadpoolctl import ThreadpoolController
+
+    if not _CONTROLLER or _CONTROLLER[1] != len(sys.modules):
+        _CONTROLLER[:] = [ThreadpoolController(), len(sys.modules)]
+    return _CONTROLLER[0]
+
+
+def _release_openblas() -> None:
+    """Let any thread set OpenBLAS's limit next. threadpoolctl (3.8) lets only one thread,
+    the first to set a pthreads OpenBLAS's process-wide limit, change it until that thread
+    clears the claim; the last check out, which restores the limit, may be another thread."""
+    from threadpoolctl import OpenBLASController
+
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear()
+
+
+def _take_blas() -> Callable[[], Any]:
+    limiter = _blas_controller().limit(limits=1, user_api="blas")
+    _release_openblas()
+
+    def undo() -> None:
+        limiter.restore_original_limits()
+        _release_openblas()
+
+    return undo
+
+
+def _take_torch() -> Callable[[], Any]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return lambda: torch.set_num_threads(before)
+
+
+one_blas_thread = Hold(_take_blas)
+"""BLAS held to one thread (threadpoolctl), while chunks run on several threads of ours."""
+one_torch_thread = Hold(_take_torch)
+"""PyTorch's intra-op pool held to one thread, while a small torch cost is evaluated."""
