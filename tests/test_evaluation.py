@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 from helpers import assert_on, host
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import gcbackend as gc
 from gcbackend import evaluation
@@ -274,3 +276,148 @@ def test_rows_are_c_contiguous_on_numpy():
         for r in range(start, stop):
             expected[r - start, r % 12] += 0.5 if r < 12 else -0.5
         assert points.tobytes() == expected.tobytes()
+
+
+# ------------------------------------------------------------- every batched chunk verified
+
+
+def _global_max_case(backend, top: int, side: int = 12):
+    """J(W) = Σ sin(W / max W)·C, written with a reduction over ALL axes (``xp.max(W)``), and
+    its exact gradient. Stacked, the max runs over the whole batch, so only the chunks
+    holding rows that raise W's largest element (flat ``top``) are wrong: the chunk of its
+    +h row, and of its +2h row, wherever those chunks fall."""
+    xp = backend.xp
+    rng = np.random.default_rng(top)
+    W = rng.uniform(0.1, 1.0, size=(side, side))
+    W.flat[top] = 1.5
+    C = rng.normal(size=(side, side))
+    S = np.cos(W / 1.5) * C
+    g = S / 1.5
+    g.flat[top] -= np.sum(S * W) / 1.5**2
+
+    def cost(W, C):
+        return xp.sum(xp.sin(W / xp.max(W)) * C, axis=(-2, -1))
+
+    def move(a):
+        return xp.asarray(a, dtype=xp.float64, device=backend.device)
+
+    return cost, move(W), move(g), move(C), g
+
+
+@settings(max_examples=6, deadline=None)
+@given(top=st.integers(0, 143), rows=st.sampled_from([16, 32, 64]))
+@example(top=100, rows=64)  # its +h row in the 2nd of 9 chunks, its +2h row in the 6th
+def test_a_cost_wrong_in_any_one_chunk_is_never_trusted(backend, top, rows):
+    # 576 rows of a 144-element tensor, `rows` per call: 9 to 36 chunks. Before every chunk
+    # was verified, a wrong gradient passed wherever the wrong chunks were not the first.
+    cost, W, g, C, host_g = _global_max_case(backend, top)
+    budget = rows * 144 * 8
+    correct = gc.check(cost, W, g, C, memory_budget=budget)
+    assert correct.verdict == "pass", str(correct)
+    result = correct.parameters["theta"]
+    assert result.path in ("loop", "vmap")  # never the broadcast that mixes the rows' maxima
+    if result.path == "loop":
+        assert "broadcast: batched values differ from single calls at J(theta[" in result.path_reason
+    wrong = host_g.copy()
+    wrong.flat[top] *= 0.5  # the element whose rows are mis-normalised, and one elsewhere
+    wrong.flat[(top + 77) % 144] *= 0.5
+    bad = gc.check(cost, W, gc.backends.to_backend(wrong, backend), C, memory_budget=budget)
+    assert bad.verdict == "fail", str(bad)
+    with pytest.raises(
+        gc.CostError, match=r"parameter 'theta' of shape \(12, 12\): .* differ from single calls"
+    ):
+        gc.check(cost, W, g, C, memory_budget=budget, mode="stacked")
+
+
+def test_the_checked_row_of_a_chunk_is_the_same_everywhere(backend):
+    # One row per chunk is compared with a single call, drawn from a generator seeded by
+    # the chunk: the same rows locally and on threads (and on Dask workers, which run the
+    # same evaluate_chunk), and not always a chunk's first.
+    xp = backend.xp
+    X, Y, params = mlp.random_case([12, 10, 6, 1], 20, seed=5, xp=xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+    base = {k: host(v) for k, v in params.items()}
+    moved = {1: set(), 2: set()}  # (name, flat index, +1/-1·multiplier) of every single call's row
+
+    def recording(workers):
+        def cost(p, X, Y):
+            if all(v.ndim == base[k].ndim for k, v in p.items()):
+                for k, v in p.items():
+                    for i in np.flatnonzero(host(v) != base[k]):
+                        moved[workers].add((k, int(i), float(np.sign(host(v).flat[i] - base[k].flat[i]))))
+            return mlp.cost(p, X, Y)
+
+        return cost
+
+    budget = 16 * 120 * 8  # 16 rows of W1 (120 elements) per call
+    for workers in (1, 2):
+        report = gc.check(recording(workers), params, grads, X, Y, memory_budget=budget, workers=workers)
+        assert report.verdict == "pass" and report.parameters["W1"].path == "broadcast"
+    assert moved[1] == moved[2]
+    n_rows = 4 * 120  # ±h, ±2h: 30 chunks of 16 rows, each checked once
+    chunks = [(start, start + 16) for start in range(16, n_rows, 16)]
+    chosen = [evaluation.paths.checked_row("W1", start, stop) for start, stop in chunks]
+    assert all(start <= row < stop for row, (start, stop) in zip(chosen, chunks))
+    assert len({row - start for row, (start, _) in zip(chosen, chunks)}) > 1  # not always one offset
+    for row in chosen:  # row k·120 + i moves element i by the k-th of (+h, −h, +2h, −2h)
+        assert ("W1", row % 120, (1.0, -1.0, 1.0, -1.0)[row // 120]) in moved[1]
+
+
+# --------------------------------------------------------- a failed probe is retried once
+
+
+def _flaky(backend, failures):
+    """The MLP's cost, raising on its first ``failures`` batched calls; and the calls it got."""
+    calls = {"batched": 0, "single": 0, "raised": 0}
+
+    def cost(p, X, Y):
+        batched = any(v.ndim == 3 for v in p.values())
+        calls["batched" if batched else "single"] += 1
+        if batched and calls["raised"] < failures:
+            calls["raised"] += 1
+            raise RuntimeError("device busy")
+        return mlp.cost(p, X, Y)
+
+    return cost, calls
+
+
+def test_a_probe_that_fails_once_keeps_the_batched_path(backend):
+    # One transient exception on the first (probe) call used to send that tensor to one
+    # call per row for the whole check: 236 calls instead of 24 here.
+    xp = backend.xp
+    X, Y, params = mlp.random_case([12, 10, 6, 1], 20, seed=3, xp=xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+    cost, calls = _flaky(backend, failures=1)
+    report = gc.check(cost, params, grads, X, Y, **gc.NOTEBOOK)
+    assert report.verdict == "pass" and calls["raised"] == 1
+    assert {r.path for r in report.parameters.values()} == {"broadcast"}
+    first = report.parameters["W1"]  # the first tensor, whose probe raised
+    assert first.path_reason == (
+        "broadcast: a batched call raised RuntimeError: device busy; retried, it ran and agreed with single calls"
+    )
+    assert all(report.parameters[name].path_reason == "" for name in params if name != "W1")
+    assert "W1 broadcast (broadcast: a batched call raised RuntimeError: device busy; retried" in str(report)
+    assert calls["single"] < 3 * len(params) + 4 * 120 // 64  # a few checks per tensor, no loop
+
+
+def test_a_cost_that_always_fails_batched_still_loops_and_says_so(backend):
+    xp = backend.xp
+    X, Y, params = mlp.random_case([12, 10, 6, 1], 20, seed=3, xp=xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+
+    def cost(p, X, Y):
+        if any(v.ndim == 3 for v in p.values()):
+            raise RuntimeError("no batches here")
+        return mlp.cost(p, X, Y)
+
+    report = gc.check(cost, params, grads, X, Y, **gc.NOTEBOOK)
+    assert report.verdict == "pass"
+    for result in report.parameters.values():
+        assert result.path in ("loop", "vmap")  # torch's vmap calls the cost one point at a time
+        assert result.path_reason.startswith(
+            "broadcast: RuntimeError: no batches here (and again when retried)"
+        ), result.path_reason
+    with pytest.raises(
+        gc.CostError, match=r"RuntimeError: no batches here \(at a batch of 2 perturbed copies"
+    ):
+        gc.check(cost, params, grads, X, Y, mode="stacked")

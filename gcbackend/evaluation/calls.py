@@ -31,6 +31,7 @@ __all__ = [
     "intact",
     "is_backend_array",
     "looped",
+    "single_cost",
 ]
 
 
@@ -168,6 +169,25 @@ def looped(stencil: Stencil, group: RowGroup, start: int, stop: int, *, xp: Modu
     if not bool(xp.all(vector == group.flat)):
         raise Scribbled
     return xp.stack(costs)
+
+
+def single_cost(stencil: Stencil, group: RowGroup, row: int, *, xp: ModuleType) -> Any:
+    """J at one row, by one unbatched call, as a 0-d array: a batched chunk's check.
+
+    The point is the row itself (bitwise the loop's), in the group's row buffer where the
+    library reuses one: a cost that writes into it spoils only that buffer, refilled whole
+    before its next use; what it writes elsewhere ``intact`` finds after the pass."""
+    point = group.rows(row, row + 1)[0, ...]
+    out = call(
+        stencil.cost,
+        group.single(point),
+        stencil.args,
+        name=group.name,
+        start=row,
+        stop=row + 1,
+        stacked=False,
+    )
+    return as_costs(out, (), xp=xp, name=group.name, start=row, stop=row + 1, stacked=False)
 
 
 class Scribbled(Exception):

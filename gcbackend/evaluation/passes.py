@@ -27,7 +27,7 @@ from .chunks import (
     tuned_sizes,
     vmap_rows,
 )
-from .paths import BROADCAST, Mismatch, Path, batched, choose_path, path_of
+from .paths import BROADCAST, Mismatch, Path, Pending, batched, choose_path, path_of, settle
 from .rows import Chunk, RowGroup, Stencil, row_group
 
 if TYPE_CHECKING:
@@ -53,8 +53,9 @@ def evaluate_rows(
     """Costs J(flat + D_r) for rows r in [start, n_rows) of ``group`` by ``path``, shape (n_rows - start,).
 
     Batched paths: ⌈rows / B⌉ calls, B from ``memory_budget`` (measured, for many rows on a
-    host library: see ``tuned_sizes``). Loop: one call per row, told to ``progress`` by
-    blocks. Raises CostError if the cost raises or returns the wrong shape.
+    host library: see ``tuned_sizes``), one row of each checked by a single call (compared
+    at the end: ``Mismatch``). Loop: one call per row, told to ``progress`` by blocks.
+    Raises CostError if the cost raises or returns the wrong shape.
     """
     n_rows, size = group.n_rows, group.flat.shape[0]
     costs = []
@@ -75,14 +76,16 @@ def evaluate_rows(
         sizes = tuned_sizes(min((n_rows - start) // 4, memory_budget // (size * itemsize)), seconds, static)
     else:
         sizes = itertools.repeat(static)
+    checks: list[Pending] = []
     while start < n_rows:
         stop = min(start + next(sizes), n_rows)
         began = time.perf_counter()
-        costs.append(batched(stencil, group, path, start, stop, xp=xp))
+        costs.append(batched(stencil, group, path, start, stop, xp=xp, pending=checks))
         seconds.append((time.perf_counter() - began) / (stop - start))
         if progress is not None:
             progress(stop - start)
         start = stop
+    settle(group, path, checks, xp=xp)
     return _joined(costs, xp)
 
 
@@ -167,19 +170,19 @@ def _group_costs(
         for tensor, group in groups.items():
             head = first.get(tensor)
             start = 0 if head is None else head.shape[0]
-            rest = (
-                evaluate_rows(
-                    stencil,
-                    group,
-                    paths[tensor],
-                    xp=xp,
-                    start=start,
-                    memory_budget=memory_budget,
-                    progress=progress,
+            options = dict(xp=xp, memory_budget=memory_budget, progress=progress)
+            try:
+                rest = (
+                    evaluate_rows(stencil, group, paths[tensor], start=start, **options)
+                    if start < group.n_rows
+                    else None
                 )
-                if start < group.n_rows
-                else None
-            )
+            except Mismatch as mismatch:
+                if mode != "auto" or tensor is None:  # (the whole-θ group is redone per tensor)
+                    raise
+                # Wrong in one chunk, so trusted in none: every row of the tensor again, by the loop.
+                paths[tensor] = _looped_after(paths[tensor], mismatch)
+                head, rest = None, evaluate_rows(stencil, group, paths[tensor], **options)
             out[tensor] = _joined([p for p in (head, rest) if p is not None], xp)
         return out
     chunks = [(tensor, start, stop) for tensor in groups for start, stop in bounds[tensor]]
@@ -300,16 +303,20 @@ def stencil_costs(
 
 def _per_tensor(stencil: Stencil, tensors, evaluation: dict, paths: dict) -> dict:
     """``_group_costs`` per tensor; a tensor whose verified batched path disagrees with a
-    single call at a later batch size is looped instead (mode='auto'), or its CostError raised."""
+    single call in a later chunk is looped instead (mode='auto'), or its CostError raised.
+    (Locally ``_group_costs`` loops it itself; a runner's chunks are all evaluated again.)"""
     while True:
         try:
             return _group_costs(stencil, tensors, **evaluation, paths=paths)
         except Mismatch as mismatch:
             if evaluation["mode"] != "auto" or path_of(paths, mismatch.tensor).name == "loop":
                 raise mismatch.error from None
-            paths[mismatch.tensor] = Path(
-                "loop", f"{path_of(paths, mismatch.tensor).name}: {mismatch.reason}"
-            )
+            paths[mismatch.tensor] = _looped_after(path_of(paths, mismatch.tensor), mismatch)
+
+
+def _looped_after(path: Path, mismatch: Mismatch) -> Path:
+    """The loop, for a tensor whose batched ``path`` disagreed with a single call."""
+    return Path("loop", f"{path.name}: {mismatch.reason}")
 
 
 def central_differences(

@@ -2,7 +2,8 @@
 
 A batched path is used only after it is *verified* on this cost (``choose_path``): a small
 probe (2 rows) first, then the first full chunk, each compared with the same rows evaluated
-one at a time within ``AGREEMENT_ULPS``. The largest discrepancy accepted is recorded
+one at a time within ``AGREEMENT_ULPS``; every later chunk has one seeded row compared the
+same way (``batched``). The largest discrepancy accepted is recorded
 (``Path.discrepancy``) so the error bars can include it. ``mode="stacked"`` verifies too and
 raises CostError where the cost does not broadcast; ``mode="unverified"`` (internal: tests,
 benchmarks) is the stacked path without verification.
@@ -11,16 +12,17 @@ benchmarks) is the stacked path without verification.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_compat
 
 from ..backends import to_host
 from ..errors import CostError
-from .calls import as_costs, call, contract, first_line, looped
+from .calls import as_costs, call, contract, first_line, looped, single_cost
 from .rows import RowGroup, Stencil
 from .vmap import can_vmap, vmapped
 
@@ -30,11 +32,14 @@ __all__ = [
     "MODES",
     "Mismatch",
     "Path",
+    "Pending",
     "agree",
     "batch_call",
     "batched",
+    "checked_row",
     "choose_path",
     "path_of",
+    "settle",
 ]
 
 MODES = ("auto", "stacked", "vmap", "loop")
@@ -57,11 +62,13 @@ class Path:
     """How a row group is evaluated, and why.
 
     ``name`` is ``"broadcast"``, ``"vmap"`` or ``"loop"``; ``reason`` says why the faster
-    paths were not taken ("" when none was refused); ``discrepancy`` is the largest
+    paths were not taken, or what happened while verifying the one taken (a batched call
+    retried); "" when nothing was refused; ``discrepancy`` is the largest
     |J_batched − J_single| seen while verifying (0 when bitwise equal, or not batched);
     ``fresh`` means every call gets fresh copies of every input (the cost writes into them);
-    ``verified`` that batched calls are checked against single calls (every new batch size:
-    a cost may broadcast by coincidence at one size, e.g. a batch as long as the examples).
+    ``verified`` that batched calls are checked against single calls (one row of every
+    chunk: a cost may be right in some chunks only, or broadcast by coincidence at one
+    batch size, e.g. a batch as long as the examples).
     """
 
     name: str
@@ -107,7 +114,9 @@ def _differ(group: RowGroup, name: str, row: int, batched_value: float, single_v
 
 
 class Mismatch(Exception):
-    """A verified batched path disagreed with a single call at a later chunk."""
+    """A verified batched path disagreed with a single call at a later chunk: under
+    mode='auto' the tensor's rows are all evaluated again by the loop (a cost that is wrong
+    in some chunks cannot be trusted in the others), else ``error`` is raised."""
 
     def __init__(self, tensor: str | None, reason: str, error: CostError) -> None:
         super().__init__(tensor, reason, error)
@@ -122,23 +131,62 @@ class _Refused(Exception):
         self.reason, self.error = reason, error
 
 
-def batched(stencil: Stencil, group: RowGroup, path: Path, start: int, stop: int, *, xp: ModuleType) -> Any:
+def checked_row(tensor: str | None, start: int, stop: int) -> int:
+    """The row of chunk [start, stop) that is compared with a single call: drawn from a
+    generator seeded by the chunk itself (a string seed is hashed with SHA-512, not
+    Python's salted hash), so it is the same row locally, on threads and on Dask workers."""
+    return random.Random(f"{tensor}:{start}:{stop}").randrange(start, stop)
+
+
+class Pending(NamedTuple):
+    """A batched value and the single call of the same row, compared later (``settle``)."""
+
+    row: int
+    size: int
+    pair: Any
+    """(2,) array: the batched value, then the single one, in the single value's dtype."""
+
+
+def batched(
+    stencil: Stencil,
+    group: RowGroup,
+    path: Path,
+    start: int,
+    stop: int,
+    *,
+    xp: ModuleType,
+    pending: list[Pending] | None = None,
+) -> Any:
     """One batched call (broadcast or vmap): the costs of rows [start, stop), shape (stop - start,).
 
-    On a verified path, the first call of every batch size not seen yet in this group has its
-    first row compared with a single call; a disagreement raises ``Mismatch``."""
+    On a verified path every chunk is checked: one row of it (``checked_row``) is evaluated
+    by a single call too. A cost that reduces over the batch axis is wrong only in the
+    chunks that hold some rows (``W / max(W)`` over the batch: those moving the largest
+    element), so the first chunk proves nothing about the others. The comparison is made
+    here (``Mismatch`` if they disagree), or, with ``pending``, queued there for ``settle``:
+    one transfer for a whole pass instead of one per chunk."""
     costs = batch_call(stencil, group, path.name, group.rows(start, stop), start, stop, xp=xp)
-    sizes = None if group.memo is None or not path.verified else group.memo.setdefault("sizes", set())
-    if sizes is not None and stop - start not in sizes:
-        single = looped(stencil, group, start, start + 1, xp=xp, fresh=False)
-        batched_value, single_value = to_host(
-            xp.stack([xp.astype(costs[0], single.dtype), single[0]])
-        ).tolist()
-        if not agree(batched_value, single_value, float(xp.finfo(single.dtype).eps)):
-            reason, error = _differ(group, path.name, start, batched_value, single_value, stop - start)
-            raise Mismatch(group.tensor, reason, error)
-        sizes.add(stop - start)
+    if path.verified:
+        row = checked_row(group.tensor, start, stop)
+        single = single_cost(stencil, group, row, xp=xp)
+        check = Pending(row, stop - start, xp.stack([xp.astype(costs[row - start], single.dtype), single]))
+        if pending is None:
+            settle(group, path, [check], xp=xp)
+        else:
+            pending.append(check)
     return costs
+
+
+def settle(group: RowGroup, path: Path, checks: list[Pending], *, xp: ModuleType) -> None:
+    """Raise ``Mismatch`` for the first of ``checks`` whose batched and single values disagree."""
+    if not checks:
+        return
+    values = to_host(xp.stack([check.pair for check in checks])).tolist()
+    eps = float(xp.finfo(checks[0].pair.dtype).eps)
+    for check, (batched_value, single_value) in zip(checks, values):
+        if not agree(batched_value, single_value, eps):
+            reason, error = _differ(group, path.name, check.row, batched_value, single_value, check.size)
+            raise Mismatch(group.tensor, reason, error)
 
 
 def batch_call(stencil, group, name, points, start, stop, *, xp):
@@ -190,8 +238,9 @@ def choose_path(
     verification; ``"loop"`` loops. A batched path is verified: a probe of 2 rows (the
     first and last of the chunk) so a cost that builds B×B intermediates or fails does so
     small and fast, those rows evaluated singly, then the full chunk, whose first and last
-    rows must agree with the singles too (within AGREEMENT_ULPS). A CostError raised by a
-    single evaluation is the cost's own error and is raised whatever the mode.
+    rows must agree with the singles too (within AGREEMENT_ULPS). A batched call that
+    raises is retried once (``Path.reason`` says so) before the path is refused. A CostError
+    raised by a single evaluation is the cost's own error and is raised whatever the mode.
     """
     if requested == "loop":
         return Path("loop", "mode='loop'"), looped(stencil, group, 0, stop, xp=xp, fresh=False)
@@ -207,21 +256,22 @@ def choose_path(
     singles: list[Any] = []
     reasons = []
     for name in candidates:
+        notes: list[str] = []
         try:
-            costs, discrepancy = _verified(stencil, group, name, picks, stop, singles, xp=xp)
+            costs, discrepancy = _verified(stencil, group, name, picks, stop, singles, notes, xp=xp)
         except _Refused as refused:
             if requested != "auto":
                 raise refused.error from refused.error.__cause__
             reasons.append(f"{name}: {refused.reason}")
             continue
-        if group.memo is not None:
-            group.memo["sizes"] = {stop} | ({len(picks)} if name == "broadcast" else set())
+        reasons += [f"{name}: {note}" for note in notes]
         return Path(name, "; ".join(reasons), discrepancy, verified=True), costs
     return Path("loop", "; ".join(reasons)), looped(stencil, group, 0, stop, xp=xp, fresh=False)
 
 
-def _verified(stencil, group, name, picks, stop, singles, *, xp):
-    """The costs of rows [0, stop) by batched path ``name``, verified against single calls."""
+def _verified(stencil, group, name, picks, stop, singles, notes, *, xp):
+    """The costs of rows [0, stop) by batched path ``name``, verified against single calls;
+    what happened on the way (a call retried) is appended to ``notes``."""
 
     def single_costs() -> list[Any]:
         if not singles:  # evaluated once, shared by the candidates
@@ -229,13 +279,24 @@ def _verified(stencil, group, name, picks, stop, singles, *, xp):
         return singles
 
     def attempt(points, start, last):
-        try:
-            return batch_call(stencil, group, name, points, start, last, xp=xp)
-        except CostError as error:
-            single_costs()  # a cost that fails on one point too: its own error, raised as such
-            cause = error.__cause__
-            what = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
-            raise _Refused(first_line(what), error) from None
+        # A batched call that fails is tried once more (after the single calls, which raise
+        # the cost's own error if it fails on one point too): one transient error (a file
+        # busy, a flaky device) must not cost the loop for the whole check.
+        failed = None
+        for _ in range(2):
+            try:
+                costs = batch_call(stencil, group, name, points, start, last, xp=xp)
+            except CostError as error:
+                single_costs()
+                cause = error.__cause__
+                what = first_line(f"{type(cause).__name__}: {cause}" if cause is not None else str(error))
+                if failed is not None:
+                    raise _Refused(f"{what} (and again when retried)", error) from None
+                failed = what
+                continue
+            if failed is not None:
+                notes.append(f"a batched call raised {failed}; retried, it ran and agreed with single calls")
+            return costs
 
     # vmap maps the cost over rows one by one (no B×B intermediates to fear): no probe.
     found = []
