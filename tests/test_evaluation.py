@@ -421,3 +421,50 @@ def test_a_cost_that_always_fails_batched_still_loops_and_says_so(backend):
         gc.CostError, match=r"RuntimeError: no batches here \(at a batch of 2 perturbed copies"
     ):
         gc.check(cost, params, grads, X, Y, mode="stacked")
+
+
+# ------------------------------------------------- memory that grows with rows, per chunk
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_row_group_holds_nothing_per_row(backend, sampled):
+    # Perturbing two rows of a 200,000-element tensor (800,000 rows of ±h, ±2h) used to
+    # build host lists covering every row (~100 bytes each); naming a row moved the whole
+    # sample to the host. Now both allocate for the rows asked for only.
+    import tracemalloc
+
+    xp, n = backend.xp, 200_000
+    w = xp.asarray(np.linspace(-1.0, 1.0, n), dtype=xp.float64, device=backend.device)
+    elements = {"w": xp.arange(0, n, 2, device=backend.device)} if sampled else None
+    steps = {"w": xp.full((n,), 1e-3, dtype=xp.float64, device=backend.device)}
+    stencil = evaluation.Stencil(
+        lambda p: xp.sum(p["w"] ** 2, axis=-1),
+        {"w": w},
+        (),
+        Layout.of({"w": w}),
+        steps,
+        (1.0, -1.0, 2.0, -2.0),
+        elements=elements,
+    )
+    group = evaluation.row_group(stencil, "w", xp=xp)
+    per = n // 2 if sampled else n
+    assert group.n_rows == 4 * per
+    tracemalloc.start()
+    try:
+        moved = group.points(per + 7, per + 9) if group.points is not None else None
+        named = group.describe(3 * per + 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    element = 2 * 5 if sampled else 5
+    assert named == f"J(w[{element}] − 2h)"
+    if moved is not None:  # (the libraries that perturb in place: NumPy, PyTorch)
+        positions, values, originals = moved
+        first, second = (2 * 7, 2 * 8) if sampled else (7, 8)
+        assert positions == [first, second]
+        assert originals == [
+            float(np.linspace(-1.0, 1.0, n)[first]),
+            float(np.linspace(-1.0, 1.0, n)[second]),
+        ]
+        assert values == [originals[0] - 1e-3, originals[1] - 1e-3]
+    assert peak < n  # not one byte per row of the tensor

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -97,9 +97,9 @@ def timed_on_host(xp: ModuleType, array: Any) -> bool:
     return array_api_compat.is_torch_namespace(xp) and str(device(array)) == "cpu"
 
 
-def tuned_sizes(limit: int, seconds: list[float], static: int) -> Iterator[int]:
+def tuned_sizes(limit: int, seconds: Sequence[float], static: int) -> Iterator[int]:
     """Rows per stacked call, chosen by measuring: the caller appends each call's seconds
-    per row to ``seconds`` before asking for the next size.
+    per row to ``seconds`` (only the last is read) before asking for the next size.
 
     The fastest batch cannot be predicted from sizes alone. Larger batches make larger,
     faster GEMMs, until the cost's temporaries outgrow what the allocator keeps: with

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import ModuleType
@@ -33,7 +34,10 @@ from .rows import Chunk, RowGroup, Stencil, row_group
 if TYPE_CHECKING:
     from .runners import Runner
 
-__all__ = ["central_differences", "evaluate_chunk", "evaluate_rows", "stencil_costs"]
+__all__ = ["SETTLE_EVERY", "central_differences", "evaluate_chunk", "evaluate_rows", "stencil_costs"]
+
+SETTLE_EVERY = 256
+"""Chunks whose checked rows are compared in one transfer (``paths.settle``), at most."""
 
 
 def _itemsize(group: RowGroup, xp: ModuleType) -> int:
@@ -69,7 +73,7 @@ def evaluate_rows(
         return _joined(costs, xp)
     itemsize = _itemsize(group, xp)
     static = chunk_rows(n_rows, size, itemsize, memory_budget, group.name, group.most)  # validates the budget
-    seconds: list[float] = []
+    seconds: deque[float] = deque(maxlen=1)  # the last call's seconds per row: all the tuner reads
     if path.name == "vmap":
         sizes = itertools.repeat(vmap_rows(size, itemsize, memory_budget))
     elif n_rows - start >= TUNE_MIN_ROWS and timed_on_host(xp, group.flat):
@@ -82,6 +86,9 @@ def evaluate_rows(
         began = time.perf_counter()
         costs.append(batched(stencil, group, path, start, stop, xp=xp, pending=checks))
         seconds.append((time.perf_counter() - began) / (stop - start))
+        if len(checks) >= SETTLE_EVERY:  # (a few hundred bytes each: not one per chunk of 10⁶ rows)
+            settle(group, path, checks, xp=xp)
+            checks.clear()
         if progress is not None:
             progress(stop - start)
         start = stop

@@ -108,13 +108,18 @@ def reuses(xp: ModuleType) -> bool:
 
 
 def _coordinates(steps: Any, multipliers: tuple[float, ...], elements: Any, xp: ModuleType):
-    """(n, device, the elements that get rows (all by default), their count, the multipliers as
-    an array): what coordinate rows are built from, shared by ``coordinate_rows`` and ``_points``."""
-    size = steps.shape[0]
+    """(device, the count of elements that get rows, the multipliers as an array, and
+    element(index) → the element each row index moves): what coordinate rows are built
+    from, shared by ``coordinate_rows`` and ``_points``. Every element by default, with no
+    index array of the tensor's size: nothing here grows with the rows."""
     where = device(steps)
-    if elements is None:
-        elements = xp.arange(size, device=where)
-    return size, where, elements, elements.shape[0], xp.asarray(multipliers, dtype=steps.dtype, device=where)
+    chosen = steps.shape[0] if elements is None else elements.shape[0]
+    factors = xp.asarray(multipliers, dtype=steps.dtype, device=where)
+
+    def element(index: Any) -> Any:
+        return index % chosen if elements is None else xp.take(elements, index % chosen)
+
+    return where, chosen, factors, element
 
 
 def coordinate_rows(
@@ -129,14 +134,15 @@ def coordinate_rows(
     ``theta_plus``/``theta_minus``). Where the library cannot assign at integer indices,
     θ + one_hot·m·h gives the same numbers with two more passes over the (B, n) rows.
     """
-    size, where, elements, chosen, factors = _coordinates(steps, multipliers, elements, xp)
+    size = steps.shape[0]
+    where, chosen, factors, moved = _coordinates(steps, multipliers, elements, xp)
     scatter, reuse = scatters(xp), reuses(xp)
     held: list[Any] = []  # the (B, n) buffer of the previous call, where it can be reused
 
     def rows(start: int, stop: int) -> Any:
         count = stop - start
         index = xp.arange(start, stop, device=where)
-        element = xp.take(elements, index % chosen)
+        element = moved(index)
         scale = xp.take(factors, index // chosen) * xp.take(steps, element)
         if not scatter:
             return flat[None, :] + xpx.one_hot(element, size, dtype=steps.dtype, xp=xp) * scale[:, None]
@@ -178,20 +184,18 @@ def direction_rows(
 def _points(flat: Any, steps: Any, multipliers: tuple[float, ...], *, xp: ModuleType, elements: Any = None):
     """points(start, stop) → (positions, values, originals) of coordinate rows [start, stop): the
     flat position each row moves, its value there (θ_j + m·h_j, the same operations as
-    ``coordinate_rows``, so bitwise its rows) and θ_j, as host lists: one transfer per group."""
-    _, where, elements, chosen, factors = _coordinates(steps, multipliers, elements, xp)
-    held: list[Any] = []
+    ``coordinate_rows``, so bitwise its rows) and θ_j, as host lists: one transfer per call,
+    built for those rows only (a tensor of 10⁶ elements has 4·10⁶ rows: host lists of them
+    all would hold ~400 MB to perturb a few)."""
+    where, chosen, factors, moved = _coordinates(steps, multipliers, elements, xp)
 
     def points(start: int, stop: int) -> tuple[list[int], list[float], list[float]]:
-        if not held:
-            index = xp.arange(0, len(multipliers) * chosen, device=where)
-            element = xp.take(elements, index % chosen)
-            scale = xp.take(factors, index // chosen) * xp.take(steps, element)
-            original = xp.take(flat, element)
-            values = original + scale
-            held.append(to_host(xp.stack([xp.astype(element, values.dtype), values, original])).tolist())
-        positions, values, originals = held[0]
-        return [int(p) for p in positions[start:stop]], values[start:stop], originals[start:stop]
+        index = xp.arange(start, stop, device=where)
+        element = moved(index)
+        scale = xp.take(factors, index // chosen) * xp.take(steps, element)
+        original = xp.take(flat, element)
+        values, originals = to_host(xp.stack([original + scale, original])).tolist()
+        return to_host(element).tolist(), values, originals
 
     return points
 
@@ -208,7 +212,7 @@ def _describer(layout: Layout, tensor: str | None, multipliers, elements: Any, d
         i = r % per
         if directions:
             return f"J(θ + {m:g}·u{i}) for {tensor} (direction {i})"
-        flat = int(to_host(elements)[i]) if elements is not None else i
+        flat = int(to_host(elements[i])) if elements is not None else i  # one element to the host
         if tensor is None:
             k = bisect.bisect_right(layout.offsets, flat) - 1
             name, shape, flat = layout.names[k], layout.shapes[k], flat - layout.offsets[k]
