@@ -12,10 +12,20 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from types import ModuleType
 from typing import Any
 
-__all__ = ["Hold", "one_blas_thread", "one_torch_thread"]
+import array_api_compat
+
+__all__ = ["ONE_THREAD_BYTES", "Hold", "intra_op", "one_blas_thread", "one_torch_thread"]
+
+ONE_THREAD_BYTES = 256 * 2**10
+"""PyTorch on the CPU: a cost whose inputs (parameters and array args) hold fewer bytes than
+this is evaluated with one intra-op thread. Its calls are then small (a chunk of 64 rows
+reads under 16 MiB) and waking torch's thread pool for every operation costs more than the
+work: bench/evaluation.py measures it."""
 
 
 class Hold:
@@ -98,3 +108,20 @@ one_blas_thread = Hold(_take_blas)
 """BLAS held to one thread (threadpoolctl), while chunks run on several threads of ours."""
 one_torch_thread = Hold(_take_torch)
 """PyTorch's intra-op pool held to one thread, while a small torch cost is evaluated."""
+
+
+def intra_op(xp: ModuleType, arrays: Iterable[Any]) -> AbstractContextManager[None]:
+    """What an evaluation on ``xp`` holds: one PyTorch thread for a small cost on the CPU
+    (its ``arrays`` under ONE_THREAD_BYTES in all), nothing otherwise."""
+    if not array_api_compat.is_torch_namespace(xp):
+        return contextlib.nullcontext()
+    import torch
+
+    arrays = [a for a in arrays if isinstance(a, torch.Tensor)]
+    if any(a.device.type != "cpu" for a in arrays):
+        return contextlib.nullcontext()
+    if sum(a.nelement() * a.element_size() for a in arrays) >= ONE_THREAD_BYTES:
+        return contextlib.nullcontext()
+    if torch.get_num_threads() == 1 and one_torch_thread.holders == 0:
+        return contextlib.nullcontext()  # one thread already, and no check of ours set it
+    return one_torch_thread()
