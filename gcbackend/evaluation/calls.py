@@ -31,6 +31,7 @@ __all__ = [
     "intact",
     "is_backend_array",
     "looped",
+    "python_float",
     "single_cost",
 ]
 
@@ -87,7 +88,7 @@ def as_costs(out: Any, expected: tuple[int, ...], *, xp, name, start, stop, stac
     if not hasattr(out, "shape"):
         try:
             # A Python float is a float64; xp's default float may be float32 (torch's is).
-            out = xp.asarray(out, dtype=xp.float64)
+            out = xp.asarray(out, dtype=python_float(xp))
         except Exception as exc:
             raise CostError(
                 f"the cost returned {type(out).__name__} (at rows {start}..{stop - 1} perturbing "
@@ -140,6 +141,9 @@ def looped(stencil: Stencil, group: RowGroup, start: int, stop: int, *, xp: Modu
 
     def collect(out: Any, r: int) -> None:
         nonlocal kind
+        if type(out) is float:  # a Python float is valid as it is: all made an array at the end
+            costs.append(out)
+            return
         if type(out) is not kind or out.shape != ():
             raw = type(out)
             out = as_costs(out, (), xp=xp, name=name, start=r, stop=r + 1, stacked=False)
@@ -155,20 +159,38 @@ def looped(stencil: Stencil, group: RowGroup, start: int, stop: int, *, xp: Modu
                 fresh_inputs(stencil, group, point, xp) if fresh else (group.single(point), args)
             )
             collect(call(cost, params, call_args, name=name, start=r, stop=r + 1, stacked=False), r)
-        return xp.stack(costs)
+        return _stacked(costs, xp)
     positions, values, originals = group.points(start, stop)
     vector = xp.asarray(group.flat, copy=True)
+    layout, parts, tensor = stencil.layout, stencil.parts, group.tensor
+    view = None if tensor is None else xp.reshape(vector, group.shape)  # sees every write
     for position, value, original, r in zip(positions, values, originals, range(start, stop)):
         vector[position] = value
         # A new container each call (of views of the vector, which see every write): a cost
         # that rebinds an entry (params["W"] = np.array(params["W"])) must not hand that
         # stale array to the next call, as the notebook's fresh dict per row never does.
-        params = group.single(vector)
+        params = group.single(vector) if view is None else layout.wrap({**parts, tensor: view})
         collect(call(cost, params, args, name=name, start=r, stop=r + 1, stacked=False), r)
         vector[position] = original  # after collect: the result may be a view of the vector
     if not bool(xp.all(vector == group.flat)):
         raise Scribbled
-    return xp.stack(costs)
+    return _stacked(costs, xp)
+
+
+def python_float(xp: ModuleType) -> Any:
+    """The dtype a Python float becomes: float64, or the default where the library has none
+    (JAX with x64 off, where asking for float64 warns and gives float32)."""
+    info = xp.__array_namespace_info__()
+    if "float64" in info.dtypes(kind="real floating"):
+        return xp.float64
+    return info.default_dtypes()["real floating"]
+
+
+def _stacked(costs: list[Any], xp: ModuleType) -> Any:
+    """The looped costs as one (k,) array: Python floats all at once, arrays stacked."""
+    if all(type(c) is float for c in costs):
+        return xp.asarray(costs, dtype=python_float(xp))
+    return xp.stack([xp.asarray(c, dtype=python_float(xp)) if type(c) is float else c for c in costs])
 
 
 def single_cost(stencil: Stencil, group: RowGroup, row: int, *, xp: ModuleType) -> Any:
