@@ -30,7 +30,7 @@ from .chunks import (
 )
 from .limits import intra_op
 from .paths import BROADCAST, Mismatch, Path, Pending, batched, choose_path, path_of, settle
-from .rows import Chunk, RowGroup, Stencil, row_group
+from .rows import Chunk, RowGroup, Stencil, row_group, split
 
 if TYPE_CHECKING:
     from .runners import Runner
@@ -167,6 +167,10 @@ def _group_costs(
         elif tensor not in paths:
             stop = bounds[tensor][0][1]
             requested = "stacked" if tensor is None else mode
+            if array_api_compat.is_jax_namespace(xp) and mode in ("auto", "vmap"):
+                # jit(vmap) from the first chunk on, at its own chunk size: one compilation.
+                requested = mode
+                stop = _rest_bounds(group, Path("vmap"), 0, memory_budget, xp)[0][1]
             paths[tensor], first[tensor] = choose_path(stencil, group, stop, xp=xp, requested=requested)
             if progress is not None:
                 progress(stop)
@@ -277,7 +281,7 @@ def stencil_costs(
         tensors = tuple(name for name in parts if chosen is None or chosen[name].shape[0] > 0)
         try:
             costs = None
-            if whole and paths.get(None, BROADCAST).name == "broadcast":
+            if whole and paths.get(None, BROADCAST).name in ("broadcast", "vmap"):
                 try:
                     costs = _group_costs(stencil, (None,), **evaluation, paths=paths)[None]
                 except (CostError, Mismatch):
@@ -304,8 +308,7 @@ def stencil_costs(
             evaluation["runner"] = None
             costs, per_tensor = None, _group_costs(pristine, tensors, **evaluation, paths=paths)
         if costs is not None:
-            grid = layout.as_dict(layout.unflatten(xp.reshape(costs, (n_stencil, n_total)), xp=xp))
-            return {name: grid[name] for name in layout.names}
+            return split(layout, costs, n_stencil, xp)
         full = elements is None and directions is None
         return {
             name: xp.reshape(per_tensor[name], (n_stencil, *tuple(base.shape)) if full else (n_stencil, -1))

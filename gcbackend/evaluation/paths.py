@@ -24,7 +24,7 @@ from ..backends import to_host
 from ..errors import CostError
 from .calls import as_costs, call, contract, first_line, looped, single_cost
 from .rows import RowGroup, Stencil
-from .vmap import can_vmap, vmapped
+from .vmap import can_vmap, jax_rows, padded_size, vmapped
 
 __all__ = [
     "AGREEMENT_ULPS",
@@ -139,12 +139,13 @@ def checked_row(tensor: str | None, start: int, stop: int) -> int:
 
 
 class Pending(NamedTuple):
-    """A batched value and the single call of the same row, compared later (``settle``)."""
+    """A chunk's costs and the single call of its ``row``, compared later (``settle``)."""
 
     row: int
-    size: int
-    pair: Any
-    """(2,) array: the batched value, then the single one, in the single value's dtype."""
+    start: int
+    costs: Any
+    single: Any
+    """(1,) array: J at ``row`` by one unbatched call."""
 
 
 def batched(
@@ -165,11 +166,10 @@ def batched(
     element), so the first chunk proves nothing about the others. The comparison is made
     here (``Mismatch`` if they disagree), or, with ``pending``, queued there for ``settle``:
     one transfer for a whole pass instead of one per chunk."""
-    costs = batch_call(stencil, group, path.name, group.rows(start, stop), start, stop, xp=xp)
+    costs = batch_call(stencil, group, path.name, start, stop, xp=xp)
     if path.verified:
         row = checked_row(group.tensor, start, stop)
-        single = single_cost(stencil, group, row, xp=xp)
-        check = Pending(row, stop - start, xp.stack([xp.astype(costs[row - start], single.dtype), single]))
+        check = Pending(row, start, costs, _single(stencil, group, path.name, row, xp=xp))
         if pending is None:
             settle(group, path, [check], xp=xp)
         else:
@@ -179,39 +179,38 @@ def batched(
 
 def settle(group: RowGroup, path: Path, checks: list[Pending], *, xp: ModuleType) -> None:
     """Raise ``Mismatch`` for the first of ``checks`` whose batched and single values disagree."""
-    if not checks:
-        return
-    values = to_host(xp.stack([check.pair for check in checks])).tolist()
-    eps = float(xp.finfo(checks[0].pair.dtype).eps)
-    for check, (batched_value, single_value) in zip(checks, values):
-        if not agree(batched_value, single_value, eps):
-            reason, error = _differ(group, path.name, check.row, batched_value, single_value, check.size)
+    # Compared on the host: no operation of ours runs on the library (on JAX each would be
+    # compiled and dispatched on its own), only transfers.
+    for check in checks:
+        batched_value = float(to_host(check.costs)[check.row - check.start])
+        single_value = float(to_host(check.single)[0])
+        if not agree(batched_value, single_value, float(xp.finfo(check.single.dtype).eps)):
+            size = check.costs.shape[0]
+            reason, error = _differ(group, path.name, check.row, batched_value, single_value, size)
             raise Mismatch(group.tensor, reason, error)
 
 
-def batch_call(stencil, group, name, points, start, stop, *, xp):
-    """The costs of the rows ``points`` (some of rows [start, stop), named so in errors)."""
-    count = points.shape[0]
+def batch_call(stencil, group, name, start, stop, *, xp, points=None):
+    """The costs of rows [start, stop) by one batched call, or of ``points`` (some of those
+    rows, named so in errors); on JAX the compiled program builds the rows itself."""
     if name == "vmap":
-        memo = {} if group.memo is None else group.memo
-        mapped = memo.get("vmap")
-        if mapped is None:
-            mapped = memo["vmap"] = vmapped(stencil, group, xp)
-        padded = memo.get("rows", 0)
-        if array_api_compat.is_jax_namespace(xp) and count < padded:
-            # One shape per tensor, so jit compiles once: repeat the last row, drop its costs.
-            filler = xp.broadcast_to(points[-1:, ...], (padded - count, points.shape[1]))
-            points = xp.concat([points, filler])
-        memo["rows"] = max(padded, points.shape[0])
         try:
-            out = mapped(points)
-            out = out[:count] if points.shape[0] > count else out
+            if array_api_compat.is_jax_namespace(xp):
+                count, out = stop - start, _program(stencil, group, stop - start, xp)(start, stop)
+            else:
+                points = group.rows(start, stop) if points is None else points
+                memo = {} if group.memo is None else group.memo
+                if "vmap" not in memo:
+                    memo["vmap"] = vmapped(stencil, group, xp)
+                count, out = points.shape[0], memo["vmap"](points)
         except Exception as exc:
             raise CostError(
                 f"the cost raised {type(exc).__name__} under vmap: {exc} (at rows {start}..{stop - 1} "
                 f"perturbing parameter {group.name!r}). Pass mode='auto' or mode='loop'."
             ) from exc
         return as_costs(out, (count,), xp=xp, name=group.name, start=start, stop=stop, stacked=False)
+    points = group.rows(start, stop) if points is None else points
+    count = points.shape[0]
     params = group.batched(points)
     out = call(
         stencil.cost,
@@ -228,12 +227,40 @@ def batch_call(stencil, group, name, points, start, stop, *, xp):
     )
 
 
+def _program(stencil: Stencil, group: RowGroup, rows: int, xp: ModuleType) -> Any:
+    """JAX: the compiled call over ``rows`` rows of ``group``: one batch size for all the
+    group's chunks (the largest asked for, padded), one for single rows."""
+    memo = {} if group.memo is None else group.memo
+    if rows == 1:
+        size = 1
+    else:
+        size = memo.get("size", 0)
+        if rows > size:
+            size = memo["size"] = padded_size(rows)
+    if ("jax", size) not in memo:
+        memo[("jax", size)] = jax_rows(stencil, group, xp, size)
+    return memo[("jax", size)]
+
+
+def _single(stencil: Stencil, group: RowGroup, name: str, row: int, *, xp: ModuleType) -> Any:
+    """J at one row by one unbatched call, (1,): compiled on JAX's vmap path, else eager."""
+    if name == "vmap" and array_api_compat.is_jax_namespace(xp):
+        try:
+            return _program(stencil, group, 1, xp)(row, row + 1)
+        except Exception as exc:
+            raise CostError(
+                f"the cost raised {type(exc).__name__} under jax.jit: {exc} (at row {row} perturbing "
+                f"parameter {group.name!r}). Pass mode='auto' or mode='loop'."
+            ) from exc
+    return xp.reshape(single_cost(stencil, group, row, xp=xp), (1,))
+
+
 def choose_path(
     stencil: Stencil, group: RowGroup, stop: int, *, xp: ModuleType, requested: str
 ) -> tuple[Path, Any]:
     """The path for ``group``'s rows, decided on its first chunk, rows [0, stop), and their costs.
 
-    ``requested``: ``"auto"`` tries broadcast, then vmap (PyTorch, JAX), then loops;
+    ``requested``: ``"auto"`` tries broadcast, then vmap (PyTorch; on JAX vmap first), then loops;
     ``"stacked"`` / ``"vmap"`` try only that path and raise CostError when it fails
     verification; ``"loop"`` loops. A batched path is verified: a probe of 2 rows (the
     first and last of the chunk) so a cost that builds B×B intermediates or fails does so
@@ -245,7 +272,11 @@ def choose_path(
     if requested == "loop":
         return Path("loop", "mode='loop'"), looped(stencil, group, 0, stop, xp=xp, fresh=False)
     candidates = {"auto": ("broadcast", "vmap"), "stacked": ("broadcast",), "vmap": ("vmap",)}[requested]
-    if group.tensor is None or not can_vmap(xp):
+    if array_api_compat.is_jax_namespace(xp) and requested == "auto":
+        # JAX runs the cost compiled only under jit(vmap): broadcast runs it op by op, so it
+        # comes second (for a cost that cannot be traced, e.g. one that calls NumPy).
+        candidates = ("vmap", "broadcast")
+    elif group.tensor is None or not can_vmap(xp):
         candidates = tuple(c for c in candidates if c != "vmap")
     if requested == "vmap" and not candidates:
         raise CostError(
@@ -273,19 +304,30 @@ def _verified(stencil, group, name, picks, stop, singles, notes, *, xp):
     """The costs of rows [0, stop) by batched path ``name``, verified against single calls;
     what happened on the way (a call retried) is appended to ``notes``."""
 
+    compiled: list[Any] = []
+
     def single_costs() -> list[Any]:
+        if name == "vmap" and array_api_compat.is_jax_namespace(xp):
+            # JAX: single rows compiled too (the cost may not trace: then vmap is refused).
+            if not compiled:
+                try:
+                    compiled.extend(_single(stencil, group, name, r, xp=xp) for r in picks)
+                except CostError as error:
+                    cause = error.__cause__
+                    raise _Refused(first_line(f"{type(cause).__name__}: {cause}"), error) from None
+            return compiled
         if not singles:  # evaluated once, shared by the candidates
             singles.extend(looped(stencil, group, r, r + 1, xp=xp, fresh=False) for r in picks)
         return singles
 
-    def attempt(points, start, last):
+    def attempt(start, last, points=None):
         # A batched call that fails is tried once more (after the single calls, which raise
         # the cost's own error if it fails on one point too): one transient error (a file
         # busy, a flaky device) must not cost the loop for the whole check.
         failed = None
         for _ in range(2):
             try:
-                costs = batch_call(stencil, group, name, points, start, last, xp=xp)
+                costs = batch_call(stencil, group, name, start, last, xp=xp, points=points)
             except CostError as error:
                 single_costs()
                 cause = error.__cause__
@@ -299,29 +341,30 @@ def _verified(stencil, group, name, picks, stop, singles, notes, *, xp):
             return costs
 
     # vmap maps the cost over rows one by one (no B×B intermediates to fear): no probe.
-    found = []
+    # Compared on the host (transfers only: no operation of ours dispatched on the library).
+    found: list[float] = []  # batched values of the rows ``picks``, in calls of ``sizes`` rows
+    sizes: list[int] = []
     if name == "broadcast":
         probe_points = xp.concat([xp.asarray(group.rows(r, r + 1), copy=True) for r in picks])
-        probe = attempt(probe_points, 0, len(picks))
-        found.append(probe)
+        probe = attempt(0, len(picks), probe_points)
+        found += to_host(probe).tolist()
+        sizes += [len(picks)] * len(picks)
     if stop > len(picks) or not found:
-        full = attempt(group.rows(0, stop), 0, stop)
-        found.append(xp.stack([full[0], full[stop - 1]]))
+        full = attempt(0, stop)
+        on_host = to_host(full)
+        found += [float(on_host[r]) for r in picks]
+        sizes += [stop] * len(picks)
         costs = full
     else:
         costs = probe
-    reference = xp.concat([xp.reshape(s, (1,)) for s in single_costs()])
-    values = to_host(
-        xp.stack([xp.astype(xp.concat(found), reference.dtype), xp.concat([reference] * len(found))])
-    )
-    batched_values, single_values = values.tolist()
-    eps = float(xp.finfo(reference.dtype).eps)
+    reference = [float(to_host(s).reshape(-1)[0]) for s in single_costs()]
+    batched_values, single_values = found, reference * (len(found) // len(reference))
+    eps = float(xp.finfo(single_costs()[0].dtype).eps)
     worst = 0.0
     for i, (b, s) in enumerate(zip(batched_values, single_values)):
         if b == s or (math.isnan(b) and math.isnan(s)):
             continue
         if not agree(b, s, eps):
-            size = len(picks) if i < len(picks) else stop
-            raise _Refused(*_differ(group, name, picks[i % len(picks)], b, s, size))
+            raise _Refused(*_differ(group, name, picks[i % len(picks)], b, s, sizes[i]))
         worst = max(worst, abs(b - s))
     return costs, worst

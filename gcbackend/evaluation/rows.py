@@ -9,6 +9,7 @@ machine rebuilds any chunk of rows from (tensor, start, stop).
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -29,12 +30,16 @@ __all__ = [
     "Chunk",
     "RowGroup",
     "Rows",
+    "Source",
     "Stencil",
     "coordinate_rows",
     "direction_rows",
+    "flattened",
+    "points_at",
     "reuses",
     "row_group",
     "scatters",
+    "split",
 ]
 
 Rows = Callable[[int, int], Any]
@@ -85,6 +90,79 @@ class RowGroup(NamedTuple):
     points: Any = None
     describe: Callable[[int], str] = str
     memo: dict | None = None
+    source: Source | None = None
+
+
+class Source(NamedTuple):
+    """What a group's rows are computed from, as arrays, for ``points_at`` (a compiled
+    function takes them as arguments: one compilation serves every θ of these shapes).
+
+    Coordinate rows: ``spread`` is h (n,), ``table`` the elements that get rows (None: all),
+    ``count`` their number. Direction rows: ``spread`` is U (k, n), ``count`` k."""
+
+    flat: Any
+    spread: Any
+    factors: Any
+    table: Any
+    count: int
+    directions: bool
+
+
+def points_at(source: Source, index: Any, *, xp: ModuleType) -> Any:
+    """The rows at positions ``index`` (an int array (B,)): pure array code, the operations
+    of ``coordinate_rows``/``direction_rows`` on the same values (so bitwise their rows),
+    traceable by ``jax.jit``."""
+    flat, spread, factors, count = source.flat, source.spread, source.factors, source.count
+    scale = xp.take(factors, index // count)
+    if source.directions:
+        return flat[None, :] + xp.take(spread, index % count, axis=0) * scale[:, None]
+    element = index % count if source.table is None else xp.take(source.table, index % count)
+    values = xp.take(flat, element) + scale * xp.take(spread, element)
+    at = (xp.arange(index.shape[0], device=device(flat)), element)
+    return xpx.at(xp.tile(flat[None, :], (index.shape[0], 1)), at).set(values, xp=xp)
+
+
+def flattened(layout: Layout, parts: Mapping[str, Any], xp: ModuleType) -> Any:
+    """θ of shape (N,) from name → array (``Layout.flatten``): one compiled call on JAX,
+    where a reshape per tensor and a concatenation would each be dispatched on its own."""
+    if array_api_compat.is_jax_namespace(xp):
+        return _jitted(_flatten, layout, xp)(dict(parts))
+    return _flatten(layout, xp)(parts)
+
+
+def split(layout: Layout, costs: Any, n_stencil: int, xp: ModuleType) -> dict[str, Any]:
+    """name → (K, *shape) from the costs (K·N,) of the whole-θ group, in layout order."""
+    if array_api_compat.is_jax_namespace(xp):
+        return _jitted(_splitter, layout, xp, n_stencil)(costs)
+    return _splitter(layout, xp, n_stencil)(costs)
+
+
+def _flatten(layout: Layout, xp: ModuleType) -> Callable[[Any], Any]:
+    return lambda parts: layout.flatten(layout.wrap(parts), xp=xp)
+
+
+def _splitter(layout: Layout, xp: ModuleType, n_stencil: int) -> Callable[[Any], Any]:
+    def split(costs):
+        grid = layout.as_dict(layout.unflatten(xp.reshape(costs, (n_stencil, layout.size)), xp=xp))
+        return {name: grid[name] for name in layout.names}
+
+    return split
+
+
+@functools.lru_cache(maxsize=64)
+def _jit_of(make: Callable[..., Any], *key: Any) -> Any:
+    import jax
+
+    return jax.jit(make(*key))
+
+
+def _jitted(make: Callable[..., Any], *key: Any) -> Any:
+    try:
+        return _jit_of(make, *key)
+    except TypeError:  # an unhashable layout: compiled for this call only
+        import jax
+
+        return jax.jit(make(*key))
 
 
 def scatters(xp: ModuleType) -> bool:
@@ -233,9 +311,9 @@ def row_group(stencil: Stencil, tensor: str | None, *, xp: ModuleType) -> RowGro
     shared by broadcasting), or with ``tensor=None`` every tensor's rows at once (all batched)."""
     layout, parts, steps, multipliers = stencil.layout, stencil.parts, stencil.steps, stencil.multipliers
     if tensor is None:
-        flat = layout.flatten(layout.wrap(parts), xp=xp)
-        flat_steps = layout.flatten(layout.wrap(steps), xp=xp)
+        flat, flat_steps = flattened(layout, parts, xp), flattened(layout, steps, xp)
         rows, n_rows = coordinate_rows(flat, flat_steps, multipliers, xp=xp)
+        factors = xp.asarray(multipliers, dtype=flat_steps.dtype, device=device(flat_steps))
         return RowGroup(
             flat,
             rows,
@@ -249,6 +327,7 @@ def row_group(stencil: Stencil, tensor: str | None, *, xp: ModuleType) -> RowGro
             _points(flat, flat_steps, multipliers, xp=xp),
             _describer(layout, None, multipliers, None, False, layout.size),
             {},
+            Source(flat, flat_steps, factors, None, layout.size, False),
         )
     base = parts[tensor]
     shape = tuple(base.shape)
@@ -261,15 +340,30 @@ def row_group(stencil: Stencil, tensor: str | None, *, xp: ModuleType) -> RowGro
 
     flat = xp.reshape(base, (-1,))
     if stencil.directions is not None:
-        rows, n_rows = direction_rows(flat, stencil.directions[tensor], multipliers, xp=xp)
-        points = None
+        spread = stencil.directions[tensor]
+        rows, n_rows = direction_rows(flat, spread, multipliers, xp=xp)
+        points, chosen = None, None
         describe = _describer(layout, tensor, multipliers, None, True, n_rows // len(multipliers))
     else:
         chosen = None if stencil.elements is None else stencil.elements[tensor]
-        flat_steps = xp.reshape(steps[tensor], (-1,))
-        rows, n_rows = coordinate_rows(flat, flat_steps, multipliers, xp=xp, elements=chosen)
-        points = _points(flat, flat_steps, multipliers, xp=xp, elements=chosen)
+        spread = xp.reshape(steps[tensor], (-1,))
+        rows, n_rows = coordinate_rows(flat, spread, multipliers, xp=xp, elements=chosen)
+        points = _points(flat, spread, multipliers, xp=xp, elements=chosen)
         describe = _describer(layout, tensor, multipliers, chosen, False, n_rows // len(multipliers))
+    factors = xp.asarray(multipliers, dtype=spread.dtype, device=device(spread))
+    source = Source(flat, spread, factors, chosen, n_rows // len(multipliers), stencil.directions is not None)
     return RowGroup(
-        flat, rows, n_rows, batched, single, tensor, MAX_CHUNK_ROWS, tensor, shape, points, describe, {}
+        flat,
+        rows,
+        n_rows,
+        batched,
+        single,
+        tensor,
+        MAX_CHUNK_ROWS,
+        tensor,
+        shape,
+        points,
+        describe,
+        {},
+        source,
     )
