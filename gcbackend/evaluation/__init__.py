@@ -17,7 +17,8 @@ worker):
 Modules, each importing only those above it: ``chunks`` (how many rows per call), ``rows``
 (the rows and their groups), ``calls`` (one call of the cost, J(θ), the loop), ``vmap``,
 ``paths`` (choosing and verifying a path), ``passes`` (``stencil_costs``: a whole pass),
-``runners`` (threads; ``gcbackend.distributed`` for Dask). The evaluation knows nothing of
+``runners`` (threads; ``gcbackend.distributed`` for Dask); ``limits`` (process-wide settings
+held while evaluating: BLAS and PyTorch threads) sits beside them. The evaluation knows nothing of
 models or of checking; it sees a cost, arrays and rows.
 """
 

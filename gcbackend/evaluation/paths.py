@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -146,6 +147,8 @@ class Pending(NamedTuple):
     costs: Any
     single: Any
     """(1,) array: J at ``row`` by one unbatched call."""
+    seconds: float = 0.0
+    """How long the single call took (not the chunk's: the tuner times the batched call)."""
 
 
 def batched(
@@ -169,7 +172,9 @@ def batched(
     costs = batch_call(stencil, group, path.name, start, stop, xp=xp)
     if path.verified:
         row = checked_row(group.tensor, start, stop)
-        check = Pending(row, start, costs, _single(stencil, group, path.name, row, xp=xp))
+        began = time.perf_counter()
+        single = _single(stencil, group, path.name, row, xp=xp)
+        check = Pending(row, start, costs, single, time.perf_counter() - began)
         if pending is None:
             settle(group, path, [check], xp=xp)
         else:

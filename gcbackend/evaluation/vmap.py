@@ -19,7 +19,7 @@ import array_api_compat
 
 from ..params import Layout
 from .calls import is_backend_array
-from .rows import RowGroup, Stencil, points_at
+from .rows import RowGroup, Source, Stencil, points_at
 
 __all__ = ["JIT_CACHE", "can_vmap", "jax_rows", "padded_size", "vmapped"]
 
@@ -67,8 +67,6 @@ def _compile(
     repeats the last row), then the cost of each. The parameters, the rows' sources and
     the array args are arguments, not constants, so one compilation serves any θ."""
     import jax
-
-    from .rows import Source
 
     constants = dict(fixed.values)
 
