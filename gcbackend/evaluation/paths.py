@@ -11,6 +11,7 @@ benchmarks) is the stacked path without verification.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -24,6 +25,8 @@ import array_api_compat
 from ..backends import to_host
 from ..errors import CostError
 from .calls import as_costs, call, contract, first_line, looped, single_cost
+from .chunks import timed_on_host
+from .limits import one_blas_thread
 from .rows import RowGroup, Stencil
 from .vmap import can_vmap, jax_rows, padded_size, vmapped
 
@@ -173,7 +176,10 @@ def batched(
     if path.verified:
         row = checked_row(group.tensor, start, stop)
         began = time.perf_counter()
-        single = _single(stencil, group, path.name, row, xp=xp)
+        # One unbatched call is too small for several BLAS threads: waking them (or waiting
+        # for a busy core) made it cost half a chunk of 40 rows on bench/run.py's L model.
+        with one_blas_thread() if timed_on_host(xp, group.flat) else contextlib.nullcontext():
+            single = _single(stencil, group, path.name, row, xp=xp)
         check = Pending(row, start, costs, single, time.perf_counter() - began)
         if pending is None:
             settle(group, path, [check], xp=xp)
