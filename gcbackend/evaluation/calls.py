@@ -17,6 +17,7 @@ import array_api_compat
 from ..backends import is_array, namespace
 from ..errors import CostError
 from ..params import Layout
+from .limits import intra_op
 from .rows import RowGroup, Stencil, reuses
 
 __all__ = [
@@ -134,6 +135,11 @@ def looped(stencil: Stencil, group: RowGroup, start: int, stop: int, *, xp: Modu
     of every array (a cost that writes into its inputs). A cost that wrote into the vector is
     caught at the end (one comparison) and raises ``Scribbled``.
     """
+    with intra_op(group.weight):  # one point per call: PyTorch on one thread if it reads little
+        return _looped(stencil, group, start, stop, xp=xp, fresh=fresh)
+
+
+def _looped(stencil: Stencil, group: RowGroup, start: int, stop: int, *, xp: ModuleType, fresh: bool) -> Any:
     cost, args, name = stencil.cost, stencil.args, group.name
     costs: list[Any] = []
     kind = None  # the type of the first row's result, once validated: the rest are checked cheaply
@@ -200,15 +206,16 @@ def single_cost(stencil: Stencil, group: RowGroup, row: int, *, xp: ModuleType) 
     library reuses one: a cost that writes into it spoils only that buffer, refilled whole
     before its next use; what it writes elsewhere ``intact`` finds after the pass."""
     point = group.rows(row, row + 1)[0, ...]
-    out = call(
-        stencil.cost,
-        group.single(point),
-        stencil.args,
-        name=group.name,
-        start=row,
-        stop=row + 1,
-        stacked=False,
-    )
+    with intra_op(group.weight):
+        out = call(
+            stencil.cost,
+            group.single(point),
+            stencil.args,
+            name=group.name,
+            start=row,
+            stop=row + 1,
+            stacked=False,
+        )
     return as_costs(out, (), xp=xp, name=group.name, start=row, stop=row + 1, stacked=False)
 
 

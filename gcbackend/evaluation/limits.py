@@ -19,13 +19,14 @@ from typing import Any
 
 import array_api_compat
 
-__all__ = ["ONE_THREAD_BYTES", "Hold", "intra_op", "one_blas_thread", "one_torch_thread"]
+__all__ = ["ONE_THREAD_BYTES", "Hold", "call_weight", "intra_op", "one_blas_thread", "one_torch_thread"]
 
-ONE_THREAD_BYTES = 256 * 2**10
-"""PyTorch on the CPU: a cost whose inputs (parameters and array args) hold fewer bytes than
-this is evaluated with one intra-op thread. Its calls are then small (a chunk of 64 rows
-reads under 16 MiB) and waking torch's thread pool for every operation costs more than the
-work: bench/evaluation.py measures it."""
+ONE_THREAD_BYTES = 2**20
+"""PyTorch on the CPU: a call that reads fewer bytes than this (rows × the parameters and
+array args of one point) runs with one intra-op thread: waking torch's thread pool for
+every small operation costs more than the work (bench/evaluation.py measures it). Single
+calls of most costs, the loop, and the batched calls of small costs are held; a chunk of
+64 rows of bench/run.py's M model (86 KB a point) is not."""
 
 
 class Hold:
@@ -110,18 +111,26 @@ one_torch_thread = Hold(_take_torch)
 """PyTorch's intra-op pool held to one thread, while a small torch cost is evaluated."""
 
 
-def intra_op(xp: ModuleType, arrays: Iterable[Any]) -> AbstractContextManager[None]:
-    """What an evaluation on ``xp`` holds: one PyTorch thread for a small cost on the CPU
-    (its ``arrays`` under ONE_THREAD_BYTES in all), nothing otherwise."""
+def call_weight(xp: ModuleType, arrays: Iterable[Any]) -> int:
+    """Bytes one unbatched call of a cost reads (its parameters and array args) where the
+    evaluation may hold PyTorch's threads (torch on the CPU); 0 elsewhere (nothing held)."""
     if not array_api_compat.is_torch_namespace(xp):
-        return contextlib.nullcontext()
+        return 0
     import torch
 
     arrays = [a for a in arrays if isinstance(a, torch.Tensor)]
     if any(a.device.type != "cpu" for a in arrays):
+        return 0
+    return max(1, sum(a.nelement() * a.element_size() for a in arrays))
+
+
+def intra_op(weight: int, rows: int = 1) -> AbstractContextManager[None]:
+    """What a call over ``rows`` rows of a cost of ``weight`` (``call_weight``) holds: one
+    PyTorch thread when it reads under ONE_THREAD_BYTES in all, nothing otherwise."""
+    if weight == 0 or weight * rows >= ONE_THREAD_BYTES:
         return contextlib.nullcontext()
-    if sum(a.nelement() * a.element_size() for a in arrays) >= ONE_THREAD_BYTES:
-        return contextlib.nullcontext()
+    import torch
+
     if torch.get_num_threads() == 1 and one_torch_thread.holders == 0:
         return contextlib.nullcontext()  # one thread already, and no check of ours set it
     return one_torch_thread()

@@ -28,7 +28,6 @@ from .chunks import (
     tuned_sizes,
     vmap_rows,
 )
-from .limits import intra_op
 from .paths import BROADCAST, Mismatch, Path, Pending, batched, choose_path, path_of, settle
 from .rows import Chunk, RowGroup, Stencil, row_group, split
 
@@ -254,70 +253,67 @@ def stencil_costs(
     every (tensor, start, stop) chunk at once, and returns their costs in order (see
     ``Runner``); the chunks are the local ones, so are the results.
 
-    A small cost on PyTorch's CPU runs with one intra-op thread meanwhile (``limits.intra_op``;
-    restored afterwards by the last check holding it).
+    On PyTorch's CPU a call that reads little (the loop's, a small cost's chunks) runs with
+    one intra-op thread (``limits.intra_op``; restored by the last check holding it).
     """
     paths = {} if paths is None else paths
-    with intra_op(xp, [*parts.values(), *args]):
-        n_stencil = len(multipliers)
-        dtypes = {p.dtype for p in parts.values()}
-        n_total = layout.size
-        itemsize = xp.finfo(next(iter(dtypes))).bits // 8
-        whole = (
-            elements is None
-            and directions is None
-            and mode in ("auto", "stacked", "unverified")
-            and len(dtypes) == 1
-            and n_stencil * n_total <= WHOLE_ROWS
-            and n_stencil * n_total * n_total * itemsize <= memory_budget
-            and not any(p.fresh for p in paths.values())
-            and not (len(paths) and None not in paths)  # a check that went per tensor stays so
-        )
-        mutable = not array_api_compat.is_jax_namespace(xp)
-        work_parts = {name: xp.asarray(p, copy=True) for name, p in parts.items()} if mutable else dict(parts)
-        work_args = tuple(copied(a, xp) for a in args) if mutable else args
-        stencil = Stencil(cost, work_parts, work_args, layout, steps, multipliers, elements, directions)
-        evaluation = dict(xp=xp, mode=mode, memory_budget=memory_budget, progress=progress, runner=runner)
-        # A tensor with no elements or directions (a refinement that left it alone) gets no call.
-        chosen = elements if elements is not None else directions
-        tensors = tuple(name for name in parts if chosen is None or chosen[name].shape[0] > 0)
-        try:
-            costs = None
-            if whole and paths.get(None, BROADCAST).name in ("broadcast", "vmap"):
-                try:
-                    costs = _group_costs(stencil, (None,), **evaluation, paths=paths)[None]
-                except (CostError, Mismatch):
-                    paths.pop(
-                        None, None
-                    )  # the per-tensor pass below redoes it and names the parameter at fault
-            if costs is None:
-                per_tensor = _per_tensor(stencil, tensors, evaluation, paths)
-            clean = not mutable or intact(stencil, parts, args, xp)
-        except Scribbled:
-            clean = False
-        except CostError:
-            # A verification that failed because the cost had written into its inputs meanwhile
-            # is no verdict on batching: redo it with fresh copies below. Any other error stands.
-            if not mutable or intact(stencil, parts, args, xp):
-                raise
-            clean = False
-        if not clean:
-            # The cost wrote into what it received: every call again, with fresh copies of everything.
-            reason = "the cost writes into the arrays it receives: every call got fresh copies"
-            paths.clear()
-            paths.update({name: Path("loop", reason, fresh=True) for name in parts})
-            pristine = Stencil(cost, dict(parts), args, layout, steps, multipliers, elements, directions)
-            evaluation["runner"] = None
-            costs, per_tensor = None, _group_costs(pristine, tensors, **evaluation, paths=paths)
-        if costs is not None:
-            return split(layout, costs, n_stencil, xp)
-        full = elements is None and directions is None
-        return {
-            name: xp.reshape(per_tensor[name], (n_stencil, *tuple(base.shape)) if full else (n_stencil, -1))
-            if name in per_tensor
-            else xp.zeros((n_stencil, 0), dtype=base.dtype, device=device(base))
-            for name, base in parts.items()
-        }
+    n_stencil = len(multipliers)
+    dtypes = {p.dtype for p in parts.values()}
+    n_total = layout.size
+    itemsize = xp.finfo(next(iter(dtypes))).bits // 8
+    whole = (
+        elements is None
+        and directions is None
+        and mode in ("auto", "stacked", "unverified")
+        and len(dtypes) == 1
+        and n_stencil * n_total <= WHOLE_ROWS
+        and n_stencil * n_total * n_total * itemsize <= memory_budget
+        and not any(p.fresh for p in paths.values())
+        and not (len(paths) and None not in paths)  # a check that went per tensor stays so
+    )
+    mutable = not array_api_compat.is_jax_namespace(xp)
+    work_parts = {name: xp.asarray(p, copy=True) for name, p in parts.items()} if mutable else dict(parts)
+    work_args = tuple(copied(a, xp) for a in args) if mutable else args
+    stencil = Stencil(cost, work_parts, work_args, layout, steps, multipliers, elements, directions)
+    evaluation = dict(xp=xp, mode=mode, memory_budget=memory_budget, progress=progress, runner=runner)
+    # A tensor with no elements or directions (a refinement that left it alone) gets no call.
+    chosen = elements if elements is not None else directions
+    tensors = tuple(name for name in parts if chosen is None or chosen[name].shape[0] > 0)
+    try:
+        costs = None
+        if whole and paths.get(None, BROADCAST).name in ("broadcast", "vmap"):
+            try:
+                costs = _group_costs(stencil, (None,), **evaluation, paths=paths)[None]
+            except (CostError, Mismatch):
+                paths.pop(None, None)  # the per-tensor pass below redoes it and names the parameter at fault
+        if costs is None:
+            per_tensor = _per_tensor(stencil, tensors, evaluation, paths)
+        clean = not mutable or intact(stencil, parts, args, xp)
+    except Scribbled:
+        clean = False
+    except CostError:
+        # A verification that failed because the cost had written into its inputs meanwhile
+        # is no verdict on batching: redo it with fresh copies below. Any other error stands.
+        if not mutable or intact(stencil, parts, args, xp):
+            raise
+        clean = False
+    if not clean:
+        # The cost wrote into what it received: every call again, with fresh copies of everything.
+        reason = "the cost writes into the arrays it receives: every call got fresh copies"
+        paths.clear()
+        paths.update({name: Path("loop", reason, fresh=True) for name in parts})
+        pristine = Stencil(cost, dict(parts), args, layout, steps, multipliers, elements, directions)
+        evaluation["runner"] = None
+        costs, per_tensor = None, _group_costs(pristine, tensors, **evaluation, paths=paths)
+    if costs is not None:
+        return split(layout, costs, n_stencil, xp)
+    full = elements is None and directions is None
+    return {
+        name: xp.reshape(per_tensor[name], (n_stencil, *tuple(base.shape)) if full else (n_stencil, -1))
+        if name in per_tensor
+        else xp.zeros((n_stencil, 0), dtype=base.dtype, device=device(base))
+        for name, base in parts.items()
+    }
 
 
 def _per_tensor(stencil: Stencil, tensors, evaluation: dict, paths: dict) -> dict:

@@ -26,7 +26,7 @@ from ..backends import to_host
 from ..errors import CostError
 from .calls import as_costs, call, contract, first_line, looped, single_cost
 from .chunks import timed_on_host
-from .limits import one_blas_thread
+from .limits import intra_op, one_blas_thread
 from .rows import RowGroup, Stencil
 from .vmap import can_vmap, jax_rows, padded_size, vmapped
 
@@ -213,7 +213,8 @@ def batch_call(stencil, group, name, start, stop, *, xp, points=None):
                 memo = {} if group.memo is None else group.memo
                 if "vmap" not in memo:
                     memo["vmap"] = vmapped(stencil, group, xp)
-                count, out = points.shape[0], memo["vmap"](points)
+                with intra_op(group.weight, points.shape[0]):
+                    count, out = points.shape[0], memo["vmap"](points)
         except Exception as exc:
             raise CostError(
                 f"the cost raised {type(exc).__name__} under vmap: {exc} (at rows {start}..{stop - 1} "
@@ -223,16 +224,17 @@ def batch_call(stencil, group, name, start, stop, *, xp, points=None):
     points = group.rows(start, stop) if points is None else points
     count = points.shape[0]
     params = group.batched(points)
-    out = call(
-        stencil.cost,
-        params,
-        stencil.args,
-        name=group.name,
-        start=start,
-        stop=stop,
-        stacked=True,
-        shape=group.shape,
-    )
+    with intra_op(group.weight, count):  # PyTorch on one thread for a call that reads little
+        out = call(
+            stencil.cost,
+            params,
+            stencil.args,
+            name=group.name,
+            start=start,
+            stop=stop,
+            stacked=True,
+            shape=group.shape,
+        )
     return as_costs(
         out, (count,), xp=xp, name=group.name, start=start, stop=stop, stacked=True, shape=group.shape
     )

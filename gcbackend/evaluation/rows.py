@@ -22,6 +22,7 @@ from array_api_compat import device
 from ..backends import to_host
 from ..params import Layout
 from .chunks import MAX_CHUNK_ROWS, WHOLE_ROWS
+from .limits import call_weight
 
 if TYPE_CHECKING:
     from .paths import Path
@@ -91,6 +92,8 @@ class RowGroup(NamedTuple):
     describe: Callable[[int], str] = str
     memo: dict | None = None
     source: Source | None = None
+    weight: int = 0
+    """Bytes one unbatched call reads, where PyTorch's threads may be held (``limits.call_weight``)."""
 
 
 class Source(NamedTuple):
@@ -328,6 +331,7 @@ def row_group(stencil: Stencil, tensor: str | None, *, xp: ModuleType) -> RowGro
             _describer(layout, None, multipliers, None, False, layout.size),
             {},
             Source(flat, flat_steps, factors, None, layout.size, False),
+            call_weight(xp, [*parts.values(), *stencil.args]),
         )
     base = parts[tensor]
     shape = tuple(base.shape)
@@ -366,4 +370,5 @@ def row_group(stencil: Stencil, tensor: str | None, *, xp: ModuleType) -> RowGro
         describe,
         {},
         source,
+        call_weight(xp, [*parts.values(), *stencil.args]),
     )
