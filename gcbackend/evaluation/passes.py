@@ -29,7 +29,7 @@ from .chunks import (
     vmap_rows,
 )
 from .paths import BROADCAST, Mismatch, Path, Pending, batched, choose_path, path_of, settle
-from .rows import Chunk, RowGroup, Stencil, row_group, split
+from .rows import Chunk, RowGroup, Stencil, jitted, row_group, split
 
 if TYPE_CHECKING:
     from .runners import Runner
@@ -353,9 +353,9 @@ def central_differences(
     The stencil ±1 with one step ε for all elements; the quotient is formed in the
     notebook's order, so its numbers reproduce. Returns name → array of the tensor's shape.
     """
-    steps = {
-        name: xp.full(tuple(p.shape), epsilon, dtype=p.dtype, device=device(p)) for name, p in parts.items()
-    }
+    jax = array_api_compat.is_jax_namespace(xp)
+    shapes = tuple((name, tuple(p.shape), p.dtype, device(p)) for name, p in parts.items())
+    steps = jitted(_stepper, shapes, xp)(epsilon) if jax else _stepper(shapes, xp)(epsilon)
     costs = stencil_costs(
         cost,
         parts,
@@ -370,4 +370,16 @@ def central_differences(
         runner=runner,
         paths=paths,
     )
-    return {name: (c[0, ...] - c[1, ...]) / (2 * epsilon) for name, c in costs.items()}
+    return jitted(_quotient, xp)(costs, epsilon) if jax else _quotient(xp)(costs, epsilon)
+
+
+def _stepper(shapes: tuple, xp: ModuleType) -> Callable[[float], dict[str, Any]]:
+    """epsilon → name → ε everywhere, for tensors of ``shapes`` (name, shape, dtype, device)."""
+    return lambda epsilon: {
+        name: xp.full(shape, epsilon, dtype=dtype, device=where) for name, shape, dtype, where in shapes
+    }
+
+
+def _quotient(xp: ModuleType) -> Callable[[dict[str, Any], float], dict[str, Any]]:
+    """(costs, ε) → the notebook's (J⁺ − J⁻) / (2ε) per tensor (one compiled call on JAX)."""
+    return lambda costs, epsilon: {name: (c[0, ...] - c[1, ...]) / (2 * epsilon) for name, c in costs.items()}

@@ -36,6 +36,7 @@ __all__ = [
     "coordinate_rows",
     "direction_rows",
     "flattened",
+    "jitted",
     "points_at",
     "reuses",
     "row_group",
@@ -129,14 +130,14 @@ def flattened(layout: Layout, parts: Mapping[str, Any], xp: ModuleType) -> Any:
     """θ of shape (N,) from name → array (``Layout.flatten``): one compiled call on JAX,
     where a reshape per tensor and a concatenation would each be dispatched on its own."""
     if array_api_compat.is_jax_namespace(xp):
-        return _jitted(_flatten, layout, xp)(dict(parts))
+        return jitted(_flatten, layout, xp)(dict(parts))
     return _flatten(layout, xp)(parts)
 
 
 def split(layout: Layout, costs: Any, n_stencil: int, xp: ModuleType) -> dict[str, Any]:
     """name → (K, *shape) from the costs (K·N,) of the whole-θ group, in layout order."""
     if array_api_compat.is_jax_namespace(xp):
-        return _jitted(_splitter, layout, xp, n_stencil)(costs)
+        return jitted(_splitter, layout, xp, n_stencil)(costs)
     return _splitter(layout, xp, n_stencil)(costs)
 
 
@@ -159,7 +160,8 @@ def _jit_of(make: Callable[..., Any], *key: Any) -> Any:
     return jax.jit(make(*key))
 
 
-def _jitted(make: Callable[..., Any], *key: Any) -> Any:
+def jitted(make: Callable[..., Any], *key: Any) -> Any:
+    """JAX: ``jax.jit(make(*key))``, kept per key (the function ``make`` builds from it)."""
     try:
         return _jit_of(make, *key)
     except TypeError:  # an unhashable layout: compiled for this call only
@@ -195,7 +197,10 @@ def _coordinates(steps: Any, multipliers: tuple[float, ...], elements: Any, xp: 
     index array of the tensor's size: nothing here grows with the rows."""
     where = device(steps)
     chosen = steps.shape[0] if elements is None else elements.shape[0]
-    factors = xp.asarray(multipliers, dtype=steps.dtype, device=where)
+
+    @functools.cache
+    def factors() -> Any:  # made when first needed: a group of JAX's compiled path never is
+        return xp.asarray(multipliers, dtype=steps.dtype, device=where)
 
     def element(index: Any) -> Any:
         return index % chosen if elements is None else xp.take(elements, index % chosen)
@@ -224,7 +229,7 @@ def coordinate_rows(
         count = stop - start
         index = xp.arange(start, stop, device=where)
         element = moved(index)
-        scale = xp.take(factors, index // chosen) * xp.take(steps, element)
+        scale = xp.take(factors(), index // chosen) * xp.take(steps, element)
         if not scatter:
             return flat[None, :] + xpx.one_hot(element, size, dtype=steps.dtype, xp=xp) * scale[:, None]
         at = (xp.arange(count, device=where), element)
@@ -273,7 +278,7 @@ def _points(flat: Any, steps: Any, multipliers: tuple[float, ...], *, xp: Module
     def points(start: int, stop: int) -> tuple[list[int], list[float], list[float]]:
         index = xp.arange(start, stop, device=where)
         element = moved(index)
-        scale = xp.take(factors, index // chosen) * xp.take(steps, element)
+        scale = xp.take(factors(), index // chosen) * xp.take(steps, element)
         original = xp.take(flat, element)
         values, originals = to_host(xp.stack([original + scale, original])).tolist()
         return to_host(element).tolist(), values, originals
