@@ -170,8 +170,8 @@ def batched(
     by a single call too. A cost that reduces over the batch axis is wrong only in the
     chunks that hold some rows (``W / max(W)`` over the batch: those moving the largest
     element), so the first chunk proves nothing about the others. The comparison is made
-    here (``Mismatch`` if they disagree), or, with ``pending``, queued there for ``settle``:
-    one transfer for a whole pass instead of one per chunk."""
+    here (``Mismatch`` if they disagree), or, with ``pending``, queued there for ``settle``
+    at the end of the pass: no device sync between chunks."""
     costs = batch_call(stencil, group, path.name, start, stop, xp=xp)
     if path.verified:
         row = checked_row(group.tensor, start, stop)
