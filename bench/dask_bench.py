@@ -5,7 +5,7 @@ What is measured
     correct backprop) at the notebook's settings (``**gc.NOTEBOOK``: 2N = 82,434 cost
     evaluations), by
 
-    * ``gcbackend stacked``: ``gc.check`` in one process, the single-process stacked engine,
+    * ``gcbackend stacked``: ``gc.check`` in one process, the single-process stacked evaluation,
       NumPy's BLAS with its default threads (every core);
     * ``gcbackend stacked, 1 BLAS thread``: the same with OPENBLAS/OMP/MKL_NUM_THREADS=1,
       which is what each Dask worker gets (Dask pins a worker's BLAS to one thread);

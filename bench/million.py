@@ -9,7 +9,7 @@ What is measured
       evaluations whatever N is;
     * ``sampled check``: ``gc.check(..., sample=64)``, 64 seeded coordinates per tensor;
     * both again with one element of W1 off by a relative 1e-2 (is the bug seen?);
-    * ``full check``: the stacked engine timed on 64 coordinates of every tensor (±ε at the
+    * ``full check``: the stacked evaluation timed on 64 coordinates of every tensor (±ε at the
       notebook's ε = 1e-7, the default chunking), and extrapolated per tensor to all of its
       coordinates: Σ_t 2·n_t·(seconds per row of t). Two hours is not worth running to
       confirm; the note says it is an extrapolation;
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gcbackend as gc  # noqa: E402
-from gcbackend import engine  # noqa: E402
+from gcbackend import evaluation  # noqa: E402
 from gcbackend.models import mlp  # noqa: E402
 from gcbackend.params import Layout  # noqa: E402
 
@@ -121,7 +121,7 @@ def main() -> None:
         chosen = {other: np.arange(0) for other in params}
         chosen[name] = np.linspace(0, p.size - 1, k).astype(np.int64)
         seconds, _ = timed(
-            lambda chosen=chosen: engine.stencil_costs(
+            lambda chosen=chosen: evaluation.stencil_costs(
                 mlp.cost,
                 params,
                 (X, Y),

@@ -11,7 +11,7 @@ Rows (medians of wall-clock seconds; each ratio from the same run):
   ``forward_propagation_n`` as the cost, against the notebook's ``gradient_check_n``
   (bench/run.py). Target ≤ 1.0×.
 * ``verification overhead, M/L`` — ``gc.check(mlp.cost, ...)`` with the defaults (broadcast,
-  verified) against the same check with the engine's ``mode="unverified"`` (the stacked path
+  verified) against the same check with the evaluation's ``mode="unverified"`` (the stacked path
   as it was before verification); L with ``**gc.NOTEBOOK`` (2N rows: the fixed cost of
   verifying weighs more there, and the run stays short). Target ≤ 1.05×.
 
@@ -52,7 +52,7 @@ def median_seconds(call: Callable[[], object], repeats: int) -> float:
 
 
 def unverified(call: Callable[[], object]) -> Callable[[], object]:
-    """``call`` with check() accepting the engine's mode='unverified' (bench only)."""
+    """``call`` with check() accepting the evaluation's mode='unverified' (bench only)."""
 
     def wrapped():
         saved = inputs.MODES

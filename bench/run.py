@@ -658,11 +658,13 @@ def git_state() -> dict:
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return done.stdout.strip()
 
-    engine = ROOT / "gcbackend" / "engine.py"
+    evaluation = hashlib.sha256()
+    for path in sorted((ROOT / "gcbackend" / "evaluation").glob("*.py")):
+        evaluation.update(path.name.encode() + b"\0" + path.read_bytes())
     return {
         "commit": git("rev-parse", "HEAD"),
         "library_dirty": bool(git("status", "--porcelain", "gcbackend")),
-        "engine_sha256": hashlib.sha256(engine.read_bytes()).hexdigest() if engine.exists() else None,
+        "evaluation_sha256": evaluation.hexdigest(),
     }
 
 

@@ -3,7 +3,7 @@
 What is measured (NumPy, float64, this process; medians of ``--repeats`` timings, each the
 mean of a loop)
 
-* ``rebuild per call``: what the engine does before every cost call — the parameters with
+* ``rebuild per call``: what the evaluation does before every cost call — the parameters with
   one tensor replaced, as the cost receives them (``Layout.wrap``) — for the seed case's
   flat dict W1..b3 (a plain ``dict(parts)``, as before trees) and for the same six arrays
   as the tree below (``optree.tree_unflatten`` of the treedef built once per check);

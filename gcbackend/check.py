@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from . import differences, engine, inputs, judge, ladder, plan
+from . import differences, evaluation, inputs, judge, ladder, plan
 from .backends import host_namespace, host_random, to_backend, to_host
 from .report import Report
 
@@ -191,7 +191,7 @@ def check(
         top_k=int(top_k),
         notes=tuple(notes),
         evaluations=staircase.evaluations + (0 if planned.notebook else 2),
-        paths={name: engine.path_of(evaluate.paths, name) for name in prepared.parts},
+        paths={name: evaluation.path_of(evaluate.paths, name) for name in prepared.parts},
         random=None if _same(centre, again, planned.eval_eps) else (centre, again),
     )
 
@@ -266,8 +266,8 @@ class _Evaluation:
             from . import distributed  # only here: a check without a client never imports dask
 
             self.runner = distributed.runner(client, prepared.backend, cost, prepared.args)
-        elif (threads := engine.worker_count(int(workers))) > 1:
-            self.runner = engine.ThreadRunner(threads, self.xp)
+        elif (threads := evaluation.worker_count(int(workers))) > 1:
+            self.runner = evaluation.ThreadRunner(threads, self.xp)
             self.notes.append(f"chunks of rows evaluated on {threads} threads (BLAS on 1 thread each)")
         self.options = dict(
             layout=prepared.layout,
@@ -279,8 +279,14 @@ class _Evaluation:
         )
 
     def centre(self) -> float:
-        value = engine.evaluate_center(
-            self.cost, self.prepared.parts, self.prepared.args, layout=self.prepared.layout, xp=self.xp
+        args = self.prepared.args
+        value = evaluation.evaluate_center(
+            self.cost,
+            self.prepared.parts,
+            args,
+            layout=self.prepared.layout,
+            xp=self.xp,
+            explain=lambda: inputs.nonfinite_args(args, self.xp),
         )
         self._note_dtype(value)
         return float(to_host(value))
@@ -292,7 +298,9 @@ class _Evaluation:
         return len(request.multipliers) * int(request.probes.shape[0])
 
     def discrepancies(self) -> dict[int, float]:
-        return {k: engine.path_of(self.paths, name).discrepancy for k, name in enumerate(self.planned.names)}
+        return {
+            k: evaluation.path_of(self.paths, name).discrepancy for k, name in enumerate(self.planned.names)
+        }
 
     def __call__(self, request: differences.Request) -> tuple[Any, Any]:
         hx = host_namespace()
@@ -303,7 +311,7 @@ class _Evaluation:
                 name: to_backend(rows, backend, dtype=parts[name].dtype)
                 for name, rows in request.directions.items()
             }
-            grid = engine.stencil_costs(
+            grid = evaluation.stencil_costs(
                 self.cost,
                 parts,
                 args,
@@ -355,7 +363,7 @@ class _Evaluation:
                 else differences.snap(theta, wanted_steps, self.prepared.dtypes[name], xp)
             )
             elements[name] = to_backend(hx.asarray(at, dtype=hx.int64), backend)
-        grid = engine.stencil_costs(
+        grid = evaluation.stencil_costs(
             self.cost,
             parts,
             args,

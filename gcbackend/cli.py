@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from . import NOTEBOOK, __version__, check
 from .backends import BACKEND_NAMES, resolve
-from .engine import MODES
 from .errors import GradCheckError
+from .evaluation import MODES
 from .models import linear, mlp
 
 

@@ -10,11 +10,11 @@ What crosses the network:
   args, the parameters, the steps, the multipliers and the layout, with every array as a
   host NumPy copy plus the name of the namespace to rebuild it with;
 * per task, only its chunk ``(tensor, start, stop)``: the worker rebuilds those rows itself
-  with the engine's own code (``engine.evaluate_chunk``), evaluates them with the check's
+  with the evaluation's own code (``evaluation.evaluate_chunk``), evaluates them with the check's
   namespace on its own default device (NumPy on CPU workers, CuPy on GPU workers), and
   returns only the costs, a (stop - start,) host NumPy array.
 
-The chunks are exactly the local pass's (``engine.chunk_bounds``), so where the workers run
+The chunks are exactly the local pass's (``evaluation.chunk_bounds``), so where the workers run
 the same library on the same kind of machine the costs, and the report, are bitwise the
 local ones.
 
@@ -46,7 +46,7 @@ from typing import Any
 
 import array_api_compat
 
-from . import engine
+from . import evaluation
 from .backends import Backend, is_array, to_backend, to_host
 from .errors import (
     BackendUnavailableError,
@@ -78,7 +78,7 @@ def _import_distributed() -> Any:
 
 
 def runner(client: Any, backend: Backend, cost: Any, args: tuple[Any, ...]) -> DaskRunner:
-    """The engine runner for ``client``, after checking what will be sent to the workers.
+    """The evaluation runner for ``client``, after checking what will be sent to the workers.
 
     Raises InputTypeError if ``client`` is not a ``dask.distributed.Client``, and InputError
     if the cost (or a non-array arg) cannot be pickled: both before the cost is first called.
@@ -113,7 +113,7 @@ def _require_picklable(value: Any, what: str) -> None:
 
 
 class DaskRunner:
-    """An ``engine.Runner``: every chunk a Dask task, the stencil sent to each worker once.
+    """An ``evaluation.Runner``: every chunk a Dask task, the stencil sent to each worker once.
 
     Results come back in the order of the chunks, as arrays of ``backend`` on its device.
     ``progress(rows)`` is told as each chunk's costs arrive. When a task fails, the error of
@@ -128,8 +128,8 @@ class DaskRunner:
 
     def __call__(
         self,
-        stencil: engine.Stencil,
-        chunks: list[engine.Chunk],
+        stencil: evaluation.Stencil,
+        chunks: list[evaluation.Chunk],
         progress: Callable[[int], Any] | None = None,
     ) -> list[Any]:
         tasks = _Tasks(self.client, _Payload(stencil, self.backend), chunks, progress)
@@ -139,7 +139,7 @@ class DaskRunner:
 class _Tasks:
     """One runner call on the cluster: its chunks, the costs come back, the failures seen."""
 
-    def __init__(self, client: Any, payload: _Payload, chunks: list[engine.Chunk], progress) -> None:
+    def __init__(self, client: Any, payload: _Payload, chunks: list[evaluation.Chunk], progress) -> None:
         self.distributed = _import_distributed()
         self.client, self.payload, self.chunks, self.progress = client, payload, chunks, progress
         self.token = uuid.uuid4().hex[:8]
@@ -310,7 +310,7 @@ def _outcomes(client: Any, futures: list[Any]) -> list[tuple[Any, str, Any]]:
     return out
 
 
-def _rows(chunk: engine.Chunk) -> str:
+def _rows(chunk: evaluation.Chunk) -> str:
     tensor, start, stop = chunk
     which = "every parameter" if tensor is None else f"parameter {tensor!r}"
     return (
@@ -327,7 +327,7 @@ def _caused(error: GradCheckError, cause: BaseException | None) -> GradCheckErro
     return error
 
 
-def _died(chunk: engine.Chunk) -> CostError:
+def _died(chunk: evaluation.Chunk) -> CostError:
     return CostError(
         f"the Dask workers evaluating {_rows(chunk)} died every time they were sent these rows: "
         "the cost ends the worker's process on them (os._exit, sys.exit, a crash in native code) or "
@@ -336,7 +336,7 @@ def _died(chunk: engine.Chunk) -> CostError:
     )
 
 
-def _failure(error: BaseException, chunk: engine.Chunk, distributed: Any) -> GradCheckError:
+def _failure(error: BaseException, chunk: evaluation.Chunk, distributed: Any) -> GradCheckError:
     """What a failed task of ``chunk`` ends the check with: the cost's own error as it was
     raised on the worker, a CostError for a chunk whose workers kept dying, else a ClusterError."""
     if isinstance(error, GradCheckError):
@@ -355,10 +355,10 @@ def _failure(error: BaseException, chunk: engine.Chunk, distributed: Any) -> Gra
 class _Payload:
     """The stencil with host copies of its arrays; each worker rebuilds them once, lazily."""
 
-    def __init__(self, stencil: engine.Stencil, backend: Backend) -> None:
+    def __init__(self, stencil: evaluation.Stencil, backend: Backend) -> None:
         self.namespace = backend.xp.__name__  # e.g. array_api_compat.numpy: imported by name
         self.stencil = _mapped(stencil, to_host)
-        self._local: tuple[engine.Stencil, Any] | None = None
+        self._local: tuple[evaluation.Stencil, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "stencil": self.stencil}
@@ -366,7 +366,7 @@ class _Payload:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _local=None)
 
-    def local(self) -> tuple[engine.Stencil, Any]:
+    def local(self) -> tuple[evaluation.Stencil, Any]:
         """The stencil on this worker's backend and default device, and the namespace."""
         if self._local is None:
             xp = importlib.import_module(self.namespace)
@@ -375,7 +375,7 @@ class _Payload:
         return self._local
 
 
-def _mapped(stencil: engine.Stencil, move: Callable[[Any], Any]) -> engine.Stencil:
+def _mapped(stencil: evaluation.Stencil, move: Callable[[Any], Any]) -> evaluation.Stencil:
     """The stencil with ``move`` applied to every array in it (not to the cost)."""
 
     def each(mapping):
@@ -391,7 +391,7 @@ def _mapped(stencil: engine.Stencil, move: Callable[[Any], Any]) -> engine.Stenc
     )
 
 
-def _evaluate_chunk(chunk: engine.Chunk, *, payload: _Payload) -> Any:
+def _evaluate_chunk(chunk: evaluation.Chunk, *, payload: _Payload) -> Any:
     """A task: the costs of one chunk, as a host NumPy array (only they travel back)."""
     stencil, xp = payload.local()
-    return to_host(engine.evaluate_chunk(stencil, chunk, xp=xp))
+    return to_host(evaluation.evaluate_chunk(stencil, chunk, xp=xp))

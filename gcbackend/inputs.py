@@ -2,7 +2,7 @@
 
 ``prepare`` is the first of check()'s three steps (prepare → evaluate → judge). Everything
 the user passes is checked here, at the edge, with the parameter's name and the fix in the
-message; the engine and the judge trust what comes out. The user's arrays are copied to
+message; the evaluation and the judge trust what comes out. The user's arrays are copied to
 the backend (never modified), in the dtype of evaluation.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from . import engine
+from . import evaluation
 from .backends import (
     Backend,
     is_array,
@@ -32,7 +32,7 @@ from .params import Layout, flatten_tree, match_tree
 
 __all__ = ["MODES", "Prepared", "nonfinite_args", "prepare"]
 
-MODES = (*engine.MODES, "directions")
+MODES = (*evaluation.MODES, "directions")
 
 
 def _is_number(x: object) -> bool:
@@ -128,7 +128,7 @@ def _options(
     if sample is not None and mode == "directions":
         raise InputError("sample= and mode='directions' exclude each other; pick one")
     if memory_budget is None:
-        return epsilon, threshold, engine.DEFAULT_MEMORY_BUDGET
+        return epsilon, threshold, evaluation.DEFAULT_MEMORY_BUDGET
     if (
         not isinstance(memory_budget, numbers.Integral)
         or isinstance(memory_budget, bool)

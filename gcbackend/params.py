@@ -140,7 +140,7 @@ def _flat(params: Any) -> bool:
 
 def _flatten_tree(params: Any) -> Tree:
     if _flat(params):  # the common flat dict name → array: its keys are its names, and
-        # the engine's plain dict(parts) rebuilds it (no treedef: nothing added per cost call)
+        # the evaluation's plain dict(parts) rebuilds it (no treedef: nothing added per cost call)
         return Tree(tuple(params), tuple(params.values()), None, single=False)
     names: list[str] = []
     leaves: list[Any] = []

@@ -187,14 +187,16 @@ class Report:
 
     def _evaluation(self) -> str:
         """One short line saying how the rows were evaluated, when some parameter did not take
-        the broadcast path; "" otherwise. The reasons are in each ``ParameterResult.path_reason``."""
+        the broadcast path or took it only when retried; "" otherwise. The reasons, in full,
+        are in each ``ParameterResult.path_reason``."""
         results = list(self.parameters.values())
-        if all(p.path in ("", "broadcast") for p in results) or self.mode == "loop":
+        if self.mode == "loop" or all(p.path in ("", "broadcast") and not p.path_reason for p in results):
             return ""
         groups: dict[str, list[str]] = {}
         for p in results:
-            groups.setdefault(p.path or "broadcast", []).append(p.name)
-        parts = [f"{', '.join(names)} {path}" for path, names in groups.items()]
+            label = (p.path or "broadcast") + (" (retried)" if "retried" in p.path_reason else "")
+            groups.setdefault(label, []).append(p.name)
+        parts = [f"{', '.join(names)} {label}" for label, names in groups.items()]
         return "evaluation: " + "; ".join(parts) + " (why: report.parameters[name].path_reason)"
 
     def plot(self, ax: Any = None) -> Any:
@@ -344,10 +346,12 @@ def _coverage(report: Report) -> str:
         return f"sampled, {report.checked} of {report.size} elements"
     if report.coverage == "directions":
         per = report.checked // max(len(report.parameters), 1)
-        return (
-            f"fast screen, {report.checked} of {report.size}: directional derivatives along {per} seeded "
-            "directions per tensor"
+        counted = (
+            f"{report.checked} of {report.size}"
+            if report.checked < report.size
+            else f"{report.checked} values for {report.size} elements"
         )
+        return f"fast screen, {counted}: directional derivatives along {per} seeded directions per tensor"
     return ""
 
 

@@ -308,10 +308,10 @@ def test_a_cost_failing_on_a_thread_raises_the_one_thread_error():
 def test_workers_minus_one_is_one_per_cpu():
     import os
 
-    from gcbackend import engine
+    from gcbackend import evaluation
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert engine.worker_count(-1) == cpus and engine.worker_count(3) == 3
+    assert evaluation.worker_count(-1) == cpus and evaluation.worker_count(3) == 3
 
 
 def _notebook_gradient_check_n(params, grads, X, Y, epsilon=1e-7):

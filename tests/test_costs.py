@@ -380,11 +380,11 @@ def test_the_projects_models_stay_broadcast(backend):
 
 
 def test_mlp_batched_and_single_costs_agree_bitwise_on_numpy():
-    from gcbackend import engine
+    from gcbackend import evaluation
 
     (X, Y), params, _ = mlp_case(NP, None)
     paths = {}
-    engine.central_differences(
+    evaluation.central_differences(
         mlp.cost,
         params,
         (X, Y),

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("dask") is None, reason="dask not installed (pip install 'gcbackend[dask]')"
 )
 
-# mode="loop" is below on a small case: one Dask graph per row takes ~0.3 s (engine.py's loop).
+# mode="loop" is below on a small case: one Dask graph per row takes ~0.3 s (the evaluation's loop).
 MODES = [{}, {"mode": "directions"}, {"sample": 3}, {"order": 4}, dict(gc.NOTEBOOK)]
 
 

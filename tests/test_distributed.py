@@ -27,7 +27,7 @@ from array_api_compat import array_namespace
 from helpers import assert_on, host
 
 import gcbackend as gc
-from gcbackend import engine
+from gcbackend import evaluation
 from gcbackend.models import mlp
 
 HAVE_DASK = all(importlib.util.find_spec(m) is not None for m in ("dask", "distributed"))
@@ -134,7 +134,7 @@ def test_inputs_travel_once_and_a_task_is_only_its_chunk_bounds(client, monkeypa
     for name, p in params.items():  # every row of every tensor, once, in order
         spans = [(start, stop) for tensor, start, stop in tasks if tensor == name]
         # issue 12: each tensor's first chunk is evaluated here, to choose (and verify) its path.
-        bounds = engine.chunk_bounds(2 * p.size, p.size, 8, engine.DEFAULT_MEMORY_BUDGET, name)
+        bounds = evaluation.chunk_bounds(2 * p.size, p.size, 8, evaluation.DEFAULT_MEMORY_BUDGET, name)
         assert spans == bounds[1:]
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
@@ -385,8 +385,8 @@ def test_a_chunk_that_keeps_killing_its_workers_is_a_cost_error_naming_its_rows(
     with pytest.raises(gc.CostError) as info:
         _bounded(240, gc.check, cost, params, grads, X, Y, client=client, **gc.NOTEBOOK)
     # W2's first chunk is evaluated here (to choose its path), its second is the first sent.
-    start, stop = engine.chunk_bounds(
-        2 * params["W2"].size, params["W2"].size, 8, engine.DEFAULT_MEMORY_BUDGET, "W2"
+    start, stop = evaluation.chunk_bounds(
+        2 * params["W2"].size, params["W2"].size, 8, evaluation.DEFAULT_MEMORY_BUDGET, "W2"
     )[1]
     assert str(info.value) == (
         f"the Dask workers evaluating rows {start}..{stop - 1} perturbing parameter 'W2' died every time "

@@ -602,7 +602,7 @@ def test_the_documented_hierarchy():
         gc.check(lambda p: p * 2.0, 1.0, 2.0, epsilon=-1)
 
 
-# Messages of the cost's own failures are the engine's (issue #12, "Any cost as written"):
+# Messages of the cost's own failures are the evaluation's (issue #12, "Any cost as written"):
 # pinned here as the reader needs them; #12's merge makes them pass (then drop the xfail).
 
 
@@ -675,7 +675,6 @@ def test_nonfinite_args_names_the_argument_and_its_first_bad_index(backend):
     assert_bitwise_equal(args[1], snapshot(_on(backend, dirty)))  # only read
 
 
-@pytest.mark.xfail(strict=True, reason="nonfinite_args is called where J(θ) is evaluated: the lead wires it")
 def test_a_nan_in_a_data_argument_is_named_when_j_is_nan_at_theta():
     X, Y, params = mlp.seed_case()
     X = X.copy()

@@ -12,7 +12,7 @@ import pytest
 from helpers import assert_on, host
 
 from gcbackend import judge, plan
-from gcbackend.differences import SENSITIVITY_SAFETY, Estimate, judged
+from gcbackend.differences import SENSITIVITY_FLOOR, SENSITIVITY_SAFETY, Estimate, judged
 
 
 def _plan(analytic, *, grad_eps=2.0**-52, ulps=plan.ANALYTIC_ULPS, notebook=False):
@@ -98,9 +98,13 @@ def test_allowance_is_in_ulps_of_the_precision_judged_to_and_never_vanishes_at_z
     assert not result.off.any()
     # A measured sensitivity (the forward's rounding, for 32 ulps of every input) adds a quarter
     # of itself: 8 ulps' worth.
+    # Every value of that low-precision gradient gets SENSITIVITY_FLOOR × the root mean square of
+    # the changes measured (here one: 4e-7).
     moved = judged(planned, _estimate([1.0, -3.0, 1e-12], [1e-10] * 3, sensitivity=[4e-7, 0.0, 0.0]))
-    assert moved.allowance[0] == pytest.approx(expected[0] + SENSITIVITY_SAFETY * 4e-7, rel=1e-12)
-    assert SENSITIVITY_SAFETY == 0.25
+    floor = SENSITIVITY_FLOOR * 4e-7
+    assert moved.allowance[0] == pytest.approx(expected[0] + SENSITIVITY_SAFETY * 4e-7 + floor, rel=1e-12)
+    assert moved.allowance[1] == pytest.approx(expected[1] + floor, rel=1e-12)
+    assert SENSITIVITY_SAFETY == 0.25 and SENSITIVITY_FLOOR == 30.0
 
 
 def test_a_zero_gradient_with_float32_rounding_passes_a_real_bias_fails(backend):

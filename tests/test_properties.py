@@ -9,7 +9,7 @@ Over 2–4 layers of widths 1–8, batches of 1–16 examples and any seed:
 * NumPy, array-api-strict and PyTorch agree to the same bound.
 
 Where the evaluation order is the same (NumPy stacked and loop) the numbers are bitwise
-equal, and test_engine holds every backend to the issue's 4·eps·max|J|/ε on its models.
+equal, and test_evaluation holds every backend to the issue's 4·eps·max|J|/ε on its models.
 
 ``GCBACKEND_HYPOTHESIS_PROFILE=deep`` searches harder (see conftest.py).
 """
