@@ -238,7 +238,7 @@ def _notes(planned, estimate, evaluate, *, seed, directions, sample) -> list[str
         notes.append(f"{moved['larger']} value(s) evaluated again at larger steps (J's rounding dominated)")
     if moved.get("confirm"):
         notes.append(
-            f"{moved['confirm']} value(s) found off evaluated again at a step 10× smaller: a fail rests on "
+            f"{moved['confirm']} value(s) found off evaluated again at another step: a fail rests on "
             "two steps that agree"
         )
     return notes

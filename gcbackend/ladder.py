@@ -285,7 +285,7 @@ class Ladder:
 
     # -- a second step for values found off ----------------------------------------------------
     def _confirm(self) -> bool:
-        """Move values found off, the worst first, to a step ten times smaller than the one they
+        """Move values found off, the worst first, to a step LADDER_FACTOR times smaller than the one they
         stand on; a parameter with a value still off there is failing already and needs no more.
         Returns whether any moved."""
         xp = host_namespace()
@@ -330,7 +330,7 @@ class Ladder:
         return moved
 
     def _arbitrate(self) -> bool:
-        """Probes whose two best steps disagree beyond their error bars get one more, ten times
+        """Probes whose two best steps disagree beyond their error bars get one more, LADDER_FACTOR times
         smaller than their smallest (see ``result``). Returns whether any moved."""
         xp = host_namespace()
         if self.plan.fixed:
