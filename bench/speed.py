@@ -33,15 +33,17 @@ What is measured (float64 unless said; ``**gc.NOTEBOOK`` = ε 1e-7, threshold 2e
     * Rows 10–11: a JAX cost with ``jnp.mean`` (x64 on, float64); by hand = ``ravel_pytree``,
       then one ``jax.jit`` of ``jax.vmap(cost)`` over θ ± ε·I and formula (2). Row 11 runs
       each first call in its own fresh process (imports and the case are built before the
-      clock starts); its rounds alternate check, by hand, check, …
+      clock starts); its rounds alternate check, by hand, check, … Row 10 runs in the
+      process of the last first check, which is its warm-up.
     * Row 12: the same defaults check, Dask arrays (``mlp.seed_case(xp="dask")``) against
       NumPy arrays: what a small check pays for Dask's scheduler.
 
 How
     * Every group of rows runs in a fresh subprocess (imports, caches and JAX's x64 switch
-      never leak into the next group). In it, one warm-up call of each thing, then rounds:
-      each round times every thing once, the order reversed every other round (A B, B A, …),
-      so the drift of a shared machine hits both sides alike.
+      never leak into the next group). In it, one warm-up call of each thing (not on L, where
+      each call takes seconds), then rounds: each round times every thing once, the order
+      reversed every other round (A B, B A, …), so the drift of a shared machine hits both
+      sides alike.
     * Each figure is a ratio per round (A_i / B_i); the row prints the median of those ratios
       and their min–max, with both sides' medians. ``holds`` compares the median with the target.
     * Each group records the 1-minute load average before and after it and a hash of
@@ -136,10 +138,10 @@ ROWS = (
     Row(7, "loop", "M = 64-32-16-1, m = 128", 'check(mode="loop", **gc.NOTEBOOK)', PLAIN, Target("<=", 1.0)),
     Row(8, "scalar", "float(...) cost, 16-8-4-1, m = 64 (N = 177)", DEFAULTS_CHECK, PLAIN, Target("<=", 1.5)),
     Row(9, "torch", "PyTorch F.linear cost, M", DEFAULTS_CHECK, "torch.func.vmap by hand", Target("<=", 1.5)),
-    Row(10, "jax-warm", "JAX seed case, warm", NOTEBOOK_CHECK, "jit(vmap) by hand", Target("<=", 2)),
+    Row(10, "jax", "JAX seed case, warm", NOTEBOOK_CHECK, "jit(vmap) by hand", Target("<=", 2)),
     Row(
         11,
-        "jax-first",
+        "jax",
         "JAX seed case, first call in a fresh process",
         NOTEBOOK_CHECK,
         "jit(vmap) by hand",
@@ -148,7 +150,7 @@ ROWS = (
     Row(12, "dask", "seed case, defaults", 'check(backend="dask")', "check() on NumPy", Target()),
 )
 ROWS_BY_NUMBER = {row.number: row for row in ROWS}
-GROUP_REQUIRES = {"torch": ("torch",), "jax-warm": ("jax",), "jax-first": ("jax",), "dask": ("dask",)}
+GROUP_REQUIRES = {"torch": ("torch",), "jax": ("jax",), "dask": ("dask",)}
 ROUNDS = {  # (full, quick): rounds of timed calls per group
     "seed": (51, 15),
     "M": (9, 3),
@@ -156,10 +158,10 @@ ROUNDS = {  # (full, quick): rounds of timed calls per group
     "loop": (9, 3),
     "scalar": (21, 7),
     "torch": (7, 3),
-    "jax-warm": (21, 7),
-    "jax-first": (3, 1),
-    "dask": (5, 2),
+    "jax": (3, 1),  # first calls, each in a fresh process (row 11)
+    "dask": (3, 2),
 }
+JAX_WARM_ROUNDS = (21, 7)  # row 10, in the process of the last first check
 QUICK_SKIPS = {"L"}
 
 
@@ -223,13 +225,15 @@ def row_status(number: int, status: str, note: str) -> dict:
     }
 
 
-def interleave(calls: Mapping[str, Callable[[], Any]], rounds: int) -> tuple[dict[str, list[float]], dict]:
+def interleave(
+    calls: Mapping[str, Callable[[], Any]], rounds: int, warmup: bool = True
+) -> tuple[dict[str, list[float]], dict]:
     """One warm-up call of each, then ``rounds`` rounds timing each once (order reversed every other round).
 
     Returns the times per name and the last result of each call.
     """
     names = list(calls)
-    results = {name: calls[name]() for name in names}  # warm-up (imports, caches, compilation)
+    results = {name: calls[name]() for name in names} if warmup else {}  # imports, caches, compilation
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
@@ -410,7 +414,8 @@ def group_floor(spec: dict) -> list[dict]:
     }
     if defaults_row in spec["rows"]:
         calls["defaults"] = checked()
-    times, results = interleave(calls, spec["rounds"])
+    # L: no warm-up call (each check takes seconds; the median of the rounds discounts a slow first).
+    times, results = interleave(calls, spec["rounds"], warmup=spec.get("warmup", name != "L"))
     best = max(samples)
     floor = floor_seconds(size, best)
     gemm = {
@@ -620,58 +625,84 @@ def jax_by_hand(
     return lambda: float(difference(theta, grad))
 
 
-def group_jax_warm(spec: dict) -> list[dict]:
-    """Row 10: JAX warm (after one call of each): check(**gc.NOTEBOOK) against jit(vmap) by hand."""
-    import gcbackend as gc
+def jax_first_call(which: str, warm_rounds: int = 0) -> dict:
+    """In this (fresh) process: build the JAX case, then time the first check or by-hand call.
 
-    cost, params, grads, X, Y = jax_case()
-    calls = {
-        "notebook": lambda: gc.check(cost, params, grads, X, Y, **gc.NOTEBOOK),
-        "hand": jax_by_hand(cost, params, grads, X, Y),
-    }
-    times, results = interleave(calls, spec["rounds"])
-    return [
-        row_result(
-            10,
-            times["notebook"],
-            times["hand"],
-            check=describe(results["notebook"]),
-            by_hand_difference=results["hand"],
-        )
-    ]
-
-
-def first_call(which: str) -> dict:
-    """In this (fresh) process: build the JAX case, then time the first check or by-hand call."""
+    With ``warm_rounds`` (after a first check): row 10 in the same process, the first check
+    having been its warm-up: the by-hand function's first call, then interleaved rounds.
+    """
     started = time.perf_counter()
     import gcbackend as gc
 
     cost, params, grads, X, Y = jax_case()
-    hand = jax_by_hand(cost, params, grads, X, Y) if which == "hand" else None
+    calls = {
+        "gc": lambda: gc.check(cost, params, grads, X, Y, **gc.NOTEBOOK),
+        "hand": jax_by_hand(cost, params, grads, X, Y),
+    }
     setup_s = time.perf_counter() - started
     start = time.perf_counter()
-    result = gc.check(cost, params, grads, X, Y, **gc.NOTEBOOK) if hand is None else hand()
+    result = calls[which]()
     seconds = time.perf_counter() - start
-    summary = describe(result) if hand is None else {"difference": result}
-    return {"which": which, "seconds": seconds, "setup_s": setup_s, **summary}
+    out = {"which": which, "seconds": seconds, "setup_s": setup_s}
+    out.update(describe(result) if which == "gc" else {"difference": result})
+    if warm_rounds:
+        times, results = interleave(calls, warm_rounds)
+        out["warm"] = {
+            "times": times,
+            "check": describe(results["gc"]),
+            "by_hand_difference": results["hand"],
+        }
+    return out
 
 
-def group_jax_first(spec: dict) -> list[dict]:
-    """Row 11: first calls, each in a fresh process; rounds alternate check and by hand."""
+def group_jax(spec: dict) -> list[dict]:
+    """Rows 10–11: JAX, the check against jit(vmap) by hand, warm and first calls.
+
+    Row 11: each first call in its own fresh process, the rounds alternating check and by
+    hand. Row 10 runs in the process of the last first check (which is its warm-up), so the
+    ~20 s a first check can take is paid once, not twice.
+    """
+    rows, warm_rounds = spec["rows"], spec.get("warm_rounds", spec["rounds"])
+    order = (
+        [("gc", "hand") if r % 2 == 0 else ("hand", "gc") for r in range(spec["rounds"])]
+        if 11 in rows
+        else []
+    )
     firsts: dict[str, list[dict]] = {"gc": [], "hand": []}
-    for r in range(spec["rounds"]):
-        for which in ("gc", "hand") if r % 2 == 0 else ("hand", "gc"):
-            firsts[which].append(spawn({"group": "jax-first-call", "which": which}))
-    return [
-        row_result(
-            11,
-            [f["seconds"] for f in firsts["gc"]],
-            [f["seconds"] for f in firsts["hand"]],
-            check={k: firsts["gc"][-1].get(k) for k in ("verdict", "difference", "evaluations")},
-            by_hand_difference=firsts["hand"][-1]["difference"],
-            setup_s={k: [f["setup_s"] for f in v] for k, v in firsts.items()},
+    last_gc = max((i for i, pair in enumerate(order) for which in pair if which == "gc"), default=None)
+    warm = None
+    for i, pair in enumerate(order):
+        for which in pair:
+            carry_on = 10 in rows and which == "gc" and i == last_gc
+            answer = spawn({"group": "jax-first-call", "which": which, "warm_rounds": warm_rounds * carry_on})
+            firsts[which].append(answer)
+            warm = answer.get("warm", warm)
+    if 10 in rows and warm is None:
+        warm = spawn({"group": "jax-first-call", "which": "gc", "warm_rounds": warm_rounds})["warm"]
+    out = []
+    if 10 in rows:
+        times = warm["times"]
+        out.append(
+            row_result(
+                10,
+                times["gc"],
+                times["hand"],
+                check=warm["check"],
+                by_hand_difference=warm["by_hand_difference"],
+            )
         )
-    ]
+    if 11 in rows:
+        out.append(
+            row_result(
+                11,
+                [f["seconds"] for f in firsts["gc"]],
+                [f["seconds"] for f in firsts["hand"]],
+                check={k: firsts["gc"][-1].get(k) for k in ("verdict", "difference", "evaluations")},
+                by_hand_difference=firsts["hand"][-1]["difference"],
+                setup_s={k: [f["setup_s"] for f in v] for k, v in firsts.items()},
+            )
+        )
+    return out
 
 
 def group_dask(spec: dict) -> list[dict]:
@@ -697,8 +728,7 @@ GROUPS: dict[str, Callable[[dict], list[dict]]] = {
     "loop": group_loop,
     "scalar": group_scalar,
     "torch": group_torch,
-    "jax-warm": group_jax_warm,
-    "jax-first": group_jax_first,
+    "jax": group_jax,
     "dask": group_dask,
 }
 
@@ -735,7 +765,7 @@ def spawn(spec: dict) -> Any:
 
 def worker(spec: dict) -> Any:
     if spec["group"] == "jax-first-call":
-        return first_call(spec["which"])
+        return jax_first_call(spec["which"], spec.get("warm_rounds", 0))
     try:
         return run_group(spec)
     except ImportError as exc:
@@ -757,6 +787,8 @@ def plan(numbers: list[int], quick: bool, rounds: int | None, backend: str) -> l
         spec = specs.setdefault(group, {"group": group, "rows": [], "backend": backend})
         spec["rows"].append(number)
         spec["rounds"] = rounds or ROUNDS[group][1 if quick else 0]
+        if group == "jax":
+            spec["warm_rounds"] = rounds or JAX_WARM_ROUNDS[1 if quick else 0]
     return list(specs.values())
 
 
