@@ -34,7 +34,7 @@ What is measured (float64 unless said; ``**gc.NOTEBOOK`` = ε 1e-7, threshold 2e
       then one ``jax.jit`` of ``jax.vmap(cost)`` over θ ± ε·I and formula (2). Row 11 runs
       each first call in its own fresh process (imports and the case are built before the
       clock starts); its rounds alternate check, by hand, check, … Row 10 runs in the
-      process of the last first check, which is its warm-up.
+      process of the first first check, which is its warm-up.
     * Row 12: the same defaults check, Dask arrays (``mlp.seed_case(xp="dask")``) against
       NumPy arrays: what a small check pays for Dask's scheduler.
 
@@ -43,7 +43,9 @@ How
       never leak into the next group). In it, one warm-up call of each thing (not on L, where
       each call takes seconds), then rounds: each round times every thing once, the order
       reversed every other round (A B, B A, …), so the drift of a shared machine hits both
-      sides alike.
+      sides alike. Each group has a number of rounds and a time budget: no new round starts
+      once the budget is spent and 3 rounds are done (2 on L, JAX first calls and Dask), so
+      a loaded machine gives fewer rounds, not a longer run; each row records its rounds.
     * Each figure is a ratio per round (A_i / B_i); the row prints the median of those ratios
       and their min–max, with both sides' medians. ``holds`` compares the median with the target.
     * Each group records the 1-minute load average before and after it and a hash of
@@ -51,10 +53,13 @@ How
       API is used (``gc.check``, ``gc.NOTEBOOK``, ``gc.models.mlp``).
 
 Usage: ``python bench/speed.py [--quick] [--rows 1,2,...] [--backend numpy|torch|cupy]
-[--rounds K] [--json PATH]``. ``--quick``: fewer rounds, no L (rows 5–6), ~1–2 minutes;
-full: a few minutes on a 2-core machine. ``--backend`` is the backend of rows 3–6 (the check
-against the FLOP floor); the other rows are defined by their library. Prints the table;
-writes JSON to ``bench/results/speed-<timestamp>.json``.
+[--rounds K] [--blas-threads N] [--json PATH]``. ``--quick``: fewer rounds, no L (rows 5–6),
+~1–2 minutes; full: 5–10 minutes on a 2-core machine. ``--backend`` is the backend of rows 3–6
+(the check against the FLOP floor); the other rows are defined by their library.
+``--rounds K``: exactly K rounds per group, no budget. ``--blas-threads N``: BLAS/OpenMP
+threads capped in every row (on a machine other jobs keep busy, BLAS threads that wait on
+each other can slow a GEMM-bound check many times over; the JSON records the pools either
+way). Prints the table; writes JSON to ``bench/results/speed-<timestamp>.json``.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ TORCH_CHUNK = 256  # perturbed rows per torch.func.vmap call, by hand
 MARK = "SPEED-RESULT "
 WORKER_TIMEOUT_S = 1200
 SCALAR_DIMS, SCALAR_M = (16, 8, 4, 1), 64
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------- rows and targets
@@ -161,7 +167,18 @@ ROUNDS = {  # (full, quick): rounds of timed calls per group
     "jax": (3, 1),  # first calls, each in a fresh process (row 11)
     "dask": (3, 2),
 }
-JAX_WARM_ROUNDS = (21, 7)  # row 10, in the process of the last first check
+JAX_WARM_ROUNDS = (21, 7)  # row 10, in the process of the first first check
+BUDGET_S = {  # (full, quick): no new round starts after this many seconds of timed rounds ...
+    "seed": (20, 5),
+    "M": (60, 20),
+    "L": (240, 60),
+    "loop": (40, 15),
+    "scalar": (20, 10),
+    "torch": (60, 20),
+    "jax": (150, 60),
+    "dask": (45, 20),
+}
+MIN_ROUNDS = {"L": 2, "jax": 2, "dask": 2}  # ... once this many are done (3 elsewhere)
 QUICK_SKIPS = {"L"}
 
 
@@ -226,21 +243,39 @@ def row_status(number: int, status: str, note: str) -> dict:
 
 
 def interleave(
-    calls: Mapping[str, Callable[[], Any]], rounds: int, warmup: bool = True
+    calls: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    warmup: bool = True,
+    budget_s: float | None = None,
+    min_rounds: int = 1,
 ) -> tuple[dict[str, list[float]], dict]:
-    """One warm-up call of each, then ``rounds`` rounds timing each once (order reversed every other round).
+    """One warm-up call of each, then rounds timing each once (order reversed every other round).
 
-    Returns the times per name and the last result of each call.
+    At most ``rounds`` rounds; with ``budget_s``, no new round starts once the timed rounds
+    have taken that long and ``min_rounds`` are done (a loaded machine gets fewer rounds, not
+    a longer run). Returns the times per name and the last result of each call.
     """
     names = list(calls)
     results = {name: calls[name]() for name in names} if warmup else {}  # imports, caches, compilation
     times: dict[str, list[float]] = {name: [] for name in names}
+    began = time.perf_counter()
     for r in range(rounds):
+        if budget_s is not None and r >= min_rounds and time.perf_counter() - began > budget_s:
+            break
         for name in names if r % 2 == 0 else names[::-1]:
             start = time.perf_counter()
             results[name] = calls[name]()
             times[name].append(time.perf_counter() - start)
     return times, results
+
+
+def round_options(spec: dict) -> dict:
+    """interleave()'s rounds, budget and minimum from a group's spec."""
+    return {
+        "rounds": spec["rounds"],
+        "budget_s": spec.get("budget_s"),
+        "min_rounds": spec.get("min_rounds", 1),
+    }
 
 
 def describe(report: Any) -> dict:
@@ -368,7 +403,7 @@ def group_seed(spec: dict) -> list[dict]:
     }
     if 2 in spec["rows"]:
         calls["defaults"] = lambda: gc.check(notebook_cost, params, grads, X, Y)
-    times, results = interleave(calls, spec["rounds"])
+    times, results = interleave(calls, **round_options(spec))
     extra = {"plain_loop_difference": results["plain"]}
     rows = []
     if 1 in spec["rows"]:
@@ -415,7 +450,7 @@ def group_floor(spec: dict) -> list[dict]:
     if defaults_row in spec["rows"]:
         calls["defaults"] = checked()
     # L: no warm-up call (each check takes seconds; the median of the rounds discounts a slow first).
-    times, results = interleave(calls, spec["rounds"], warmup=spec.get("warmup", name != "L"))
+    times, results = interleave(calls, warmup=spec.get("warmup", name != "L"), **round_options(spec))
     best = max(samples)
     floor = floor_seconds(size, best)
     gemm = {
@@ -465,7 +500,7 @@ def group_loop(spec: dict) -> list[dict]:
         "loop": lambda: gc.check(notebook_cost, params, grads, X, Y, mode="loop", **gc.NOTEBOOK),
         "plain": lambda: plain_loop(notebook_cost, params, grads, X, Y),
     }
-    times, results = interleave(calls, spec["rounds"])
+    times, results = interleave(calls, **round_options(spec))
     return [
         row_result(
             7,
@@ -489,7 +524,7 @@ def group_scalar(spec: dict) -> list[dict]:
         "defaults": lambda: gc.check(scalar_cost, params, grads, X, Y),
         "plain": lambda: plain_loop(scalar_cost, params, grads, X, Y),
     }
-    times, results = interleave(calls, spec["rounds"])
+    times, results = interleave(calls, **round_options(spec))
     return [
         row_result(
             8,
@@ -567,7 +602,7 @@ def group_torch(spec: dict) -> list[dict]:
         "defaults": lambda: gc.check(cost, params, grads, X, Y),
         "hand": lambda: torch_by_hand(cost, params, grads, X, Y),
     }
-    times, results = interleave(calls, spec["rounds"])
+    times, results = interleave(calls, **round_options(spec))
     return [
         row_result(
             9,
@@ -659,21 +694,19 @@ def group_jax(spec: dict) -> list[dict]:
     """Rows 10–11: JAX, the check against jit(vmap) by hand, warm and first calls.
 
     Row 11: each first call in its own fresh process, the rounds alternating check and by
-    hand. Row 10 runs in the process of the last first check (which is its warm-up), so the
-    ~20 s a first check can take is paid once, not twice.
+    hand (within the group's budget). Row 10 runs in the process of the first first check
+    (which is its warm-up), so the ~20 s a first check can take is paid once, not twice.
     """
     rows, warm_rounds = spec["rows"], spec.get("warm_rounds", spec["rounds"])
-    order = (
-        [("gc", "hand") if r % 2 == 0 else ("hand", "gc") for r in range(spec["rounds"])]
-        if 11 in rows
-        else []
-    )
     firsts: dict[str, list[dict]] = {"gc": [], "hand": []}
-    last_gc = max((i for i, pair in enumerate(order) for which in pair if which == "gc"), default=None)
     warm = None
-    for i, pair in enumerate(order):
-        for which in pair:
-            carry_on = 10 in rows and which == "gc" and i == last_gc
+    began = time.perf_counter()
+    for r in range(spec["rounds"] if 11 in rows else 0):
+        over = spec.get("budget_s") is not None and time.perf_counter() - began > spec["budget_s"]
+        if over and r >= spec.get("min_rounds", 1):
+            break
+        for which in ("gc", "hand") if r % 2 == 0 else ("hand", "gc"):
+            carry_on = 10 in rows and warm is None and which == "gc"
             answer = spawn({"group": "jax-first-call", "which": which, "warm_rounds": warm_rounds * carry_on})
             firsts[which].append(answer)
             warm = answer.get("warm", warm)
@@ -717,7 +750,7 @@ def group_dask(spec: dict) -> list[dict]:
         "dask": lambda: gc.check(mlp.cost, dparams, dgrads, dX, dY),
         "numpy": lambda: gc.check(mlp.cost, params, grads, X, Y),
     }
-    times, results = interleave(calls, spec["rounds"])
+    times, results = interleave(calls, **round_options(spec))
     return [row_result(12, times["dask"], times["numpy"], check=describe(results["dask"]))]
 
 
@@ -738,7 +771,13 @@ def run_group(spec: dict) -> list[dict]:
     load_before = _load()
     rows = GROUPS[spec["group"]](spec)
     load = [load_before, _load()]
-    context = {"group": spec["group"], "load_1min": load, "thread_pools": thread_pools()}
+    context = {
+        "group": spec["group"],
+        "max_rounds": spec["rounds"],
+        "budget_s": spec.get("budget_s"),
+        "load_1min": load,
+        "thread_pools": thread_pools(),
+    }
     return [{**row, **context, "library_sha256": runbench.library_hash()} for row in rows]
 
 
@@ -753,9 +792,17 @@ def thread_pools() -> list[dict]:
 
 
 def spawn(spec: dict) -> Any:
-    """Run ``spec`` in a fresh ``python bench/speed.py --worker`` process; its JSON answer."""
+    """Run ``spec`` in a fresh ``python bench/speed.py --worker`` process; its JSON answer.
+
+    ``spec["blas_threads"]`` (when set) caps the worker's BLAS/OpenMP threads by environment.
+    """
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    env = dict(os.environ)
+    if spec.get("blas_threads"):
+        env.update(dict.fromkeys(THREAD_VARIABLES, str(spec["blas_threads"])))
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
+    )
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(MARK):
             return json.loads(line[len(MARK) :])
@@ -779,16 +826,24 @@ def missing_modules(group: str, backend: str) -> list[str]:
     return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
-def plan(numbers: list[int], quick: bool, rounds: int | None, backend: str) -> list[dict]:
+def plan(
+    numbers: list[int], quick: bool, rounds: int | None, backend: str, blas_threads: int | None = None
+) -> list[dict]:
     """The groups to run, in order, each with its selected rows and rounds."""
     specs: dict[str, dict] = {}
     for number in numbers:
         group = ROWS_BY_NUMBER[number].group
-        spec = specs.setdefault(group, {"group": group, "rows": [], "backend": backend})
+        spec = specs.setdefault(
+            group, {"group": group, "rows": [], "backend": backend, "blas_threads": blas_threads}
+        )
         spec["rows"].append(number)
-        spec["rounds"] = rounds or ROUNDS[group][1 if quick else 0]
+        mode = 1 if quick else 0
+        spec["rounds"] = rounds or ROUNDS[group][mode]
+        if rounds is None:  # --rounds K: exactly K rounds; else a budget per group
+            spec["budget_s"] = BUDGET_S[group][mode]
+            spec["min_rounds"] = min(MIN_ROUNDS.get(group, 3), spec["rounds"])
         if group == "jax":
-            spec["warm_rounds"] = rounds or JAX_WARM_ROUNDS[1 if quick else 0]
+            spec["warm_rounds"] = rounds or JAX_WARM_ROUNDS[mode]
     return list(specs.values())
 
 
@@ -796,7 +851,7 @@ def run_all(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     uptime_before = _uptime()
     rows: list[dict] = []
-    for spec in plan(args.rows, args.quick, args.rounds, args.backend):
+    for spec in plan(args.rows, args.quick, args.rounds, args.backend, args.blas_threads):
         group, start = spec["group"], time.perf_counter()
         missing = missing_modules(group, args.backend)
         if missing:
@@ -820,6 +875,7 @@ def run_all(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "rounds": args.rounds,
         "backend": args.backend,
+        "blas_threads": args.blas_threads,
         "epsilon": EPSILON,
         "machine": {**runbench.machine(), "cpus": os.cpu_count()},
         "versions": versions(),
@@ -938,6 +994,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--json", type=Path, default=None, help="JSON path (default bench/results/speed-*.json)"
     )
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=None,
+        help="cap BLAS/OpenMP threads in every row (OPENBLAS/OMP/MKL_NUM_THREADS; default: the library's own)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -952,8 +1014,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = [n for n in args.rows if n not in ROWS_BY_NUMBER]
         if unknown or not args.rows:
             parser.error(f"unknown rows {unknown}; choose from 1-{len(ROWS)}")
-    if args.rounds is not None and args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    for option in ("rounds", "blas_threads"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     return args
 
 

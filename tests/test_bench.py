@@ -50,6 +50,30 @@ def test_a_row_holds_when_its_median_meets_the_target_in_the_targets_direction()
     assert speed.Target(">=", 3).holds(float("nan")) is None
 
 
+def test_rounds_alternate_their_order_and_stop_at_the_budget_once_the_minimum_is_done():
+    order = []
+    calls = {name: (lambda name=name: order.append(name) or name) for name in ("a", "b")}
+    times, results = speed.interleave(calls, rounds=4)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then A B, B A, …
+    assert [len(times["a"]), len(times["b"])] == [4, 4] and results == {"a": "a", "b": "b"}
+    order.clear()
+    times, _ = speed.interleave(calls, rounds=50, warmup=False, budget_s=0.0, min_rounds=2)
+    assert order == ["a", "b", "b", "a"] and len(times["b"]) == 2
+
+
+def test_the_plan_gives_each_group_its_rows_rounds_and_budget_unless_rounds_are_fixed():
+    specs = {s["group"]: s for s in speed.plan([1, 2, 5, 10, 11], quick=False, rounds=None, backend="numpy")}
+    assert list(specs) == ["seed", "L", "jax"] and specs["seed"]["rows"] == [1, 2]
+    assert specs["L"]["min_rounds"] == 2 and specs["L"]["budget_s"] == speed.BUDGET_S["L"][0]
+    assert specs["jax"]["warm_rounds"] == speed.JAX_WARM_ROUNDS[0]
+    fixed = speed.plan([1, 10], quick=True, rounds=4, backend="torch", blas_threads=1)
+    assert [(s["rounds"], s.get("budget_s"), s["blas_threads"], s["backend"]) for s in fixed] == [
+        (4, None, 1, "torch"),
+        (4, None, 1, "torch"),
+    ]
+    assert fixed[1]["warm_rounds"] == 4
+
+
 def test_the_floor_is_2n_forward_passes_at_the_gemm_rate():
     size = speed.runbench.Size("tiny", (4, 3, 1), 5)
     n = 4 * 3 + 3 + 3 * 1 + 1
@@ -101,10 +125,12 @@ def test_a_group_runs_interleaved_rounds_and_records_each_rows_fields():
 
 def test_the_script_writes_every_selected_row_to_json(tmp_path, capsys):
     out = tmp_path / "speed.json"
-    assert speed.main(["--rows", "1,2", "--rounds", "2", "--json", str(out)]) == 0
+    assert speed.main(["--rows", "1,2", "--rounds", "2", "--blas-threads", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [r["row"] for r in result["rows"]] == [1, 2]
     assert result["rounds"] == 2 and result["quick"] is False and result["backend"] == "numpy"
+    pools = result["rows"][0]["thread_pools"]  # the cap reached the worker process
+    assert pools and {p["threads"] for p in pools} == {1} and result["blas_threads"] == 1
     assert "load average" in result["uptime"]["before"] and len(result["git"]["commit"]) == 40
     for row in result["rows"]:
         assert row["status"] == "ok" and len(row["a"]["times_s"]) == 2
