@@ -95,7 +95,7 @@ TORCH_CHUNK = 256  # perturbed rows per torch.func.vmap call, by hand
 MARK = "SPEED-RESULT "
 WORKER_TIMEOUT_S = 1200
 SCALAR_DIMS, SCALAR_M = (16, 8, 4, 1), 64
-THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------- rows and targets
@@ -782,7 +782,7 @@ def run_group(spec: dict) -> list[dict]:
 
 
 def thread_pools() -> list[dict]:
-    """The BLAS/OpenMP pools loaded in this process and their threads (a loaded machine hurts BLAS threads)."""
+    """The BLAS/OpenMP pools loaded in this process and their threads (on a loaded machine they matter)."""
     from threadpoolctl import threadpool_info
 
     return [{"api": p.get("internal_api"), "threads": p.get("num_threads")} for p in threadpool_info()]
@@ -971,10 +971,11 @@ def notes(rows: list[dict]) -> list[str]:
             continue
         if "gemm" in r:
             g = r["gemm"]
-            out.append(
-                f"row {r['row']}: floor {fmt_time(r['b']['median_s'])} = {g['floor_flops']:,} FLOP at the best "
-                f"GEMM rate {g['best_gflops']:.1f} GFLOP/s (median {g['median_gflops']:.1f}, {r['model']['backend']})"
+            rates = (
+                f"{g['best_gflops']:.1f} GFLOP/s (median {g['median_gflops']:.1f}, {r['model']['backend']})"
             )
+            floor = f"floor {fmt_time(r['b']['median_s'])} = {g['floor_flops']:,} FLOP"
+            out.append(f"row {r['row']}: {floor} at the best GEMM rate {rates}")
         verdict = (r.get("check") or {}).get("verdict")
         if verdict not in (None, "pass"):
             out.append(f"row {r['row']}: the check's verdict on the correct backprop was {verdict!r}")
@@ -998,7 +999,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--blas-threads",
         type=int,
         default=None,
-        help="cap BLAS/OpenMP threads in every row (OPENBLAS/OMP/MKL_NUM_THREADS; default: the library's own)",
+        help="cap BLAS/OpenMP threads in every row (OPENBLAS/OMP/MKL/BLIS_NUM_THREADS; default: unset)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
