@@ -143,9 +143,10 @@ class Report:
 
     @property
     def faults(self) -> tuple[str, ...]:
-        """Parameters whose own verdict is fail, worst first."""
+        """Parameters whose own verdict is fail, worst first (differences equal to 3 digits, as
+        printed, in the parameters' order: the last bits of a difference are rounding)."""
         failing = [p for p in self.parameters.values() if p.verdict == "fail"]
-        return tuple(p.name for p in sorted(failing, key=lambda p: -p.difference))
+        return tuple(p.name for p in sorted(failing, key=lambda p: -float(f"{p.difference:.3g}")))
 
     @property
     def size(self) -> int:
