@@ -94,6 +94,7 @@ class Ladder:
         self.reference: Any = None
         self.delta_floor = plan.eval_eps * abs(self.centre) if self.centre == self.centre else 0.0
         self.evaluations = 0
+        self._memo: dict[str, Any] = {}  # result() and δ until the state changes (take, a move)
 
     # -- what to evaluate next ----------------------------------------------------------------
     def next(self) -> Request | None:
@@ -132,13 +133,17 @@ class Ladder:
         derivative of that tensor's probes then carries d/h more error."""
         xp = host_namespace()
         values = xp.asarray([float(per_tensor.get(k, 0.0)) for k in range(len(self.plan.names))])
-        self.batch = xp.take(values, self.plan.segment)
+        batch = xp.take(values, self.plan.segment)
+        if not bool(xp.all(batch == self.batch)):
+            self.batch = batch
+            self._changed()
 
     # -- what the rows gave -------------------------------------------------------------------
     def take(self, request: Request, costs: Any, steps: Any) -> None:
         """``costs``: (len(multipliers), rows) host float64; ``steps``: the steps the rows used."""
         self.evaluations += int(costs.shape[0] * costs.shape[1])
         self.pending = None
+        self._changed()
         if request.directions is not None:
             (self._take_rounding if self.rounding_rows == [] else self._take_ties)(costs)
             return
@@ -210,7 +215,15 @@ class Ladder:
             probes, self.h[probes], plus - c, c - minus, plus2 - c, c - minus2, largest, valid, larger
         )
 
+    def _changed(self) -> None:
+        self._memo.clear()
+
     def _delta(self) -> float:
+        if "delta" not in self._memo:
+            self._memo["delta"] = self._measure_delta()
+        return self._memo["delta"]
+
+    def _measure_delta(self) -> float:
         if self.plan.notebook:  # no J(θ) nor stencils: J's own rounding at the values seen, a floor
             xp = host_namespace()
             seen = xp.concat([self.values[1.0], self.values[-1.0]])
@@ -239,6 +252,7 @@ class Ladder:
         climbed = self.trend[probes] % 2 == 1
         stencil = self._stencil(probes, larger=bool(xp.all(climbed)) and bool(xp.any(climbed)))
         self.stencils.append(stencil)
+        self._changed()
         c = self._candidate(stencil)
         if previous is not None:
             before, bar = previous.numeric[probes], previous.error[probes]
@@ -275,6 +289,7 @@ class Ladder:
         xp = host_namespace()
         if chosen.shape[0] == 0:
             return
+        self._changed()
         self.why[chosen] = self.why[chosen] | why
         self.h[chosen] = self.h[chosen] * factor
         self.trend[chosen] = sign
@@ -381,6 +396,7 @@ class Ladder:
 
     def _take_rounding(self, costs: Any) -> None:
         self.rounding_rows = [self._direction_stencil(costs)]
+        self._changed()
 
     def _direction_stencil(self, costs: Any) -> _Stencil:
         """Five-point stencils along displacements u (steps included: h = 1), from (4, k) costs."""
@@ -457,6 +473,7 @@ class Ladder:
             for i, (k, members, target, size) in enumerate(self.tie_requests)
             if bool(c.finite[i])
         ]
+        self._changed()
         del xp
 
     # -- the forward's rounding, for low-precision gradients ------------------------------------
@@ -499,11 +516,18 @@ class Ladder:
         change = xp.where(xp.isfinite(change), change, 0.0)
         previous = self.sensitivity[probes] ** 2 * (request.base - 1)
         self.sensitivity[probes] = xp.sqrt((previous + change * change) / request.base)
+        self._changed()
         if request.base == 1:
             self.pending = request._replace(base=2)
 
     # -- the estimate ----------------------------------------------------------------------------
     def result(self) -> Estimate:
+        """The estimate as the values stand (see ``_result``), computed once per state."""
+        if "result" not in self._memo:
+            self._memo["result"] = self._result()
+        return self._memo["result"]
+
+    def _result(self) -> Estimate:
         """Per probe, from every candidate it has (its first step where it settled, and each
         five-point stencil that may stand):
 

@@ -269,7 +269,9 @@ def stencil_costs(
         and n_stencil * n_total <= WHOLE_ROWS
         and n_stencil * n_total * n_total * itemsize <= memory_budget
         and not any(p.fresh for p in paths.values())
-        and not (len(paths) and None not in paths)  # a check that went per tensor stays so
+        # A check whose tensors went per tensor to a slower path stays so; tensors that broadcast
+        # (a few direction rows of one tensor, say) do not keep θ from one call.
+        and all(path.name == "broadcast" for tensor, path in paths.items() if tensor is not None)
     )
     mutable = not array_api_compat.is_jax_namespace(xp)
     work_parts = {name: xp.asarray(p, copy=True) for name, p in parts.items()} if mutable else dict(parts)
