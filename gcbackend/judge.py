@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .backends import host_namespace, to_backend
+from .backends import host_add_at, host_max_at, host_namespace, to_backend
 from .differences import SAFETY, Estimate, judged
 from .plan import Plan
 from .report import ElementError, ParameterResult, Report
@@ -114,30 +114,47 @@ def judge(
     gap = a_kept - n_kept
     smooth = finite & ~estimate.kink & ~((a_kept == 0) & (n_kept == 0))
     largest = max(abs(estimate.rounding), 0.0)
+    # Every tensor's statistics at once: segment reductions over the flat probe vector, then
+    # one small loop over tensors for what each reports (its worst elements, its labels).
+    sums, norms = _segment_stats(
+        plan,
+        norms={
+            "gap": gap,
+            "analytic": a_kept,
+            "numeric": n_kept,
+            "noise": xp.where(smooth, e, 0.0),
+            "allowance": xp.where(smooth, allowance, 0.0),
+            "nonzero": xp.astype(a_kept != 0, xp.float64),
+        },
+        counts={
+            "outliers": off & smooth,
+            "kink_outliers": off & estimate.kink,
+            "undetermined": estimate.undetermined,
+            "kinks": estimate.kink,
+            "smooth": smooth,
+            "moving": ~estimate.still,
+        },
+    )
+    # Worst first within each tensor: sorted by badness, then (stably) by tensor, so tensor k's
+    # probes keep their contiguous block, ordered worst first.
+    by_badness = xp.argsort(badness, descending=True, stable=True)
+    ranked = xp.take(by_badness, xp.argsort(xp.take(plan.segment, by_badness), stable=True))
     results: dict[str, dict] = {}
     summary = {}
     for k, name in enumerate(plan.names):
         where = plan.where(k)
         shape = plan.shapes[k]
-        sa, sn, sg = a_kept[where], n_kept[where], gap[where]
-        sm, so = smooth[where], off[where]
-        stats = {
-            "gap": norm(sg),
-            "analytic": norm(sa),
-            "numeric": norm(sn),
-            "noise": norm(e[where][sm]) if auto else 0.0,
-            "allowance": norm(allowance[where][sm]) if auto else 0.0,
-            "outliers": int(xp.sum(so & sm)),
-            "kink_outliers": int(xp.sum(so & estimate.kink[where])),
-            "undetermined": int(xp.sum(estimate.undetermined[where])),
-            "kinks": int(xp.sum(estimate.kink[where])),
-            "count": int(sm.shape[0]),
-        }
+        sa, sn = a_kept[where], n_kept[where]
+        stats = {key: float(values[k]) for key, values in norms.items()}
+        stats.update({key: int(values[k]) for key, values in sums.items()})
+        stats["count"] = plan.counts[k]
+        if not auto:
+            stats["noise"] = stats["allowance"] = 0.0
         size = stats["analytic"] + stats["numeric"]
-        floor_scale = max(size, scale * max(int(xp.sum(sm)), 1) ** 0.5) if auto else size
+        floor_scale = max(size, scale * max(stats["smooth"], 1) ** 0.5) if auto else size
         stats["scale"] = floor_scale
         summary[name] = stats
-        order = xp.argsort(badness[where], descending=True, stable=True)[: min(top_k, stats["count"])]
+        order = ranked[where][: min(top_k, stats["count"])] - where.start
         label = functools.partial(_label, plan.coverage, name, shape)
         top = tuple(
             ElementError(
@@ -150,10 +167,9 @@ def judge(
             )
             for i in (int(j) for j in order)
         )
-        indices = xp.arange(stats["count"])
-        undetermined = tuple(label(i) for i in indices[estimate.undetermined[where]])
-        unbracketed = tuple(label(i) for i in indices[so & estimate.kink[where]])
-        kinks = tuple(label(i) for i in indices[estimate.kink[where] & ~so])
+        undetermined = _labels(label, estimate.undetermined[where], stats["undetermined"])
+        unbracketed = _labels(label, off[where] & estimate.kink[where], stats["kink_outliers"])
+        kinks = _labels(label, estimate.kink[where] & ~off[where], stats["kinks"] - stats["kink_outliers"])
         ties = [t for t in estimate.ties if t.tensor == k]
         tie_failed = tie_vague = False
         for t in ties:
@@ -163,9 +179,7 @@ def judge(
                 tie_vague |= abs(t.target - nearest) > bar
             else:
                 tie_failed |= abs(t.target - t.numeric) > bar
-        independent = (
-            bool(xp.all(estimate.still[where])) and bool(xp.any(sa != 0)) and not stats["undetermined"]
-        )
+        independent = not stats["moving"] and stats["nonzero"] > 0 and not stats["undetermined"]
         difference = _ratio(stats["gap"], size)
         noise_rel = _ratio(stats["noise"], floor_scale)
         allow_rel = _ratio(stats["allowance"], floor_scale)
@@ -248,6 +262,36 @@ def judge(
         coverage=plan.coverage.kind,
         checked=plan.size,
         random=random,
+    )
+
+
+def _labels(label: Any, mask: Any, count: int) -> tuple[tuple[int, ...], ...]:
+    """The reported indices of a tensor's probes where ``mask`` holds (``count`` of them)."""
+    if not count:
+        return ()
+    xp = host_namespace()
+    return tuple(label(int(i)) for i in xp.nonzero(mask)[0])
+
+
+def _segment_stats(plan: Plan, *, norms: Mapping[str, Any], counts: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Per tensor: how many probes each boolean of ``counts`` holds at, and the scale-safe
+    ‖·‖₂ (see ``norm``) of each vector of ``norms``; name → (T,) host arrays."""
+    xp = host_namespace()
+    tensors = len(plan.names)
+    flags = xp.stack([xp.astype(v, xp.float64) for v in counts.values()], axis=1)
+    totals = xp.zeros((tensors, flags.shape[1]))
+    host_add_at(totals, plan.segment, flags)
+    values = xp.stack(list(norms.values()), axis=1)
+    largest = xp.zeros((tensors, values.shape[1]))
+    host_max_at(largest, plan.segment, xp.abs(values))
+    usable = xp.isfinite(largest) & (largest > 0)
+    scale = xp.where(usable, 2.0 ** xp.floor(xp.log2(xp.where(usable, largest, 1.0))), 1.0)
+    squares = xp.zeros((tensors, values.shape[1]))
+    host_add_at(squares, plan.segment, (values / xp.take(scale, plan.segment, axis=0)) ** 2)
+    result = xp.where(usable, scale * xp.sqrt(squares), largest)
+    return (
+        {key: totals[:, j] for j, key in enumerate(counts)},
+        {key: result[:, j] for j, key in enumerate(norms)},
     )
 
 
