@@ -8,8 +8,9 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from . import differences, evaluation, inputs, judge, ladder, plan
-from .backends import host_namespace, host_random, to_backend, to_host
+from . import evaluation, inputs, judge, ladder, plan
+from .backends import to_backend
+from .evaluator import Evaluator
 from .report import Report
 
 MODES = inputs.MODES
@@ -160,7 +161,7 @@ def check(
         sample=sample,
         seed=seed,
     )
-    evaluate = _Evaluation(cost, prepared, planned, mode=mode, client=client, workers=workers, seed=seed)
+    evaluate = Evaluator(cost, prepared, planned, mode=mode, client=client, workers=workers, seed=seed)
     notes = list(prepared.notes) + evaluate.notes
     bar = _progress_bar(progress)
     evaluate.progress = bar.update
@@ -242,214 +243,6 @@ def _notes(planned, estimate, evaluate, *, seed, directions, sample) -> list[str
             "two steps that agree"
         )
     return notes
-
-
-class _Evaluation:
-    """The evaluation as the ladder sees it: a request of rows in, host costs out.
-
-    It turns a ``differences.Request`` (probes, steps, multipliers) into the evaluation's rows
-    (per tensor: elements and steps, or directions), on the backend, and brings the costs back
-    to the host in one transfer per request; it remembers the path each tensor takes."""
-
-    def __init__(self, cost, prepared, planned, *, mode, client, workers, seed) -> None:
-        self.cost, self.prepared, self.planned = cost, prepared, planned
-        self.xp = prepared.backend.xp
-        self.paths: dict = {}
-        self.notes: list[str] = []
-        self.narrow: list[str] = []
-        self.wide = inputs._dtype_name(next(iter(prepared.parts.values())).dtype)
-        self.seed = seed
-        self.progress = None
-        self.bases: dict[int, tuple[dict, tuple]] = {}
-        self.runner = None
-        if client is not None:
-            from . import distributed  # only here: a check without a client never imports dask
-
-            self.runner = distributed.runner(client, prepared.backend, cost, prepared.args)
-        elif (threads := evaluation.worker_count(int(workers))) > 1:
-            self.runner = evaluation.ThreadRunner(threads, self.xp)
-            self.notes.append(f"chunks of rows evaluated on {threads} threads (BLAS on 1 thread each)")
-        self.options = dict(
-            layout=prepared.layout,
-            xp=self.xp,
-            mode="auto" if mode == "directions" else mode,
-            memory_budget=prepared.budget,
-            runner=self.runner,
-            paths=self.paths,
-        )
-
-    def centre(self) -> float:
-        args = self.prepared.args
-        value = evaluation.evaluate_center(
-            self.cost,
-            self.prepared.parts,
-            args,
-            layout=self.prepared.layout,
-            xp=self.xp,
-            explain=lambda: inputs.nonfinite_args(args, self.xp),
-        )
-        self._note_dtype(value)
-        return float(to_host(value))
-
-    def rows(self, request: differences.Request) -> int:
-        """How many perturbed rows a request evaluates."""
-        if request.directions is not None:
-            return len(request.multipliers) * sum(int(d.shape[0]) for d in request.directions.values())
-        return len(request.multipliers) * int(request.probes.shape[0])
-
-    def discrepancies(self) -> dict[int, float]:
-        return {
-            k: evaluation.path_of(self.paths, name).discrepancy for k, name in enumerate(self.planned.names)
-        }
-
-    def __call__(self, request: differences.Request) -> tuple[Any, Any]:
-        hx = host_namespace()
-        xp, backend, planned = self.xp, self.prepared.backend, self.planned
-        parts, args = self._base(request)
-        if request.directions is not None:
-            directions = {
-                name: to_backend(rows, backend, dtype=parts[name].dtype)
-                for name, rows in request.directions.items()
-            }
-            grid = evaluation.stencil_costs(
-                self.cost,
-                parts,
-                args,
-                steps=_unit_steps(parts, xp),
-                multipliers=request.multipliers,
-                directions={name: directions.get(name, _none(parts[name], xp)) for name in parts},
-                progress=self.progress,
-                **self.options,
-            )
-            costs = hx.concat(
-                [self._host(grid[name]) for name in planned.names if name in request.directions], axis=1
-            )
-            return costs, hx.ones((costs.shape[1],))
-        probes = request.probes
-        segments = planned.segment[probes]
-        order = hx.argsort(segments, stable=True)
-        probes, steps_wanted = probes[order], request.steps[order]
-        segments = segments[order]
-        # Every element in its natural order: the evaluation's one-call path for a small θ.
-        whole = (
-            probes.shape[0] == planned.size
-            and planned.coverage.kind == "elements"
-            and bool(hx.all(probes == hx.arange(planned.size)))
-        )
-        elements, steps, directions = {}, {}, None
-        if planned.coverage.kind == "directions":
-            directions = {}
-        for k, name in enumerate(planned.names):
-            mine = segments == k
-            at = planned.index[probes[mine]]
-            wanted = steps_wanted[mine]
-            shape = planned.shapes[k]
-            if directions is not None:
-                units = planned.directions[name][at, :] * wanted[:, None]
-                directions[name] = to_backend(units, backend, dtype=parts[name].dtype)
-                steps[name] = _none(parts[name], xp)
-                continue
-            full = hx.zeros((_prod(shape),))
-            full[at] = wanted
-            theta = self.prepared.parts[name]
-            wanted_steps = to_backend(hx.reshape(full, shape), backend, dtype=theta.dtype)
-            # The notebook's ε is used as it is (its quotient divides by 2ε); every other step is
-            # made exact, so the step the cost sees is the step the quotient divides by. At a
-            # perturbed base (the forward's rounding, measured) the step stays the one at θ: θ̃ is
-            # off the parameter's own grid, and D(h) there is compared with D(h) at θ.
-            steps[name] = (
-                wanted_steps
-                if planned.notebook or request.base
-                else differences.snap(theta, wanted_steps, self.prepared.dtypes[name], xp)
-            )
-            elements[name] = to_backend(hx.asarray(at, dtype=hx.int64), backend)
-        grid = evaluation.stencil_costs(
-            self.cost,
-            parts,
-            args,
-            steps=steps,
-            multipliers=request.multipliers,
-            elements=None if (whole or directions is not None) else elements,
-            directions=directions,
-            progress=self.progress,
-            **self.options,
-        )
-        pieces, used = [], []
-        for k, name in enumerate(planned.names):
-            mine = segments == k
-            if not bool(hx.any(mine)) and not whole:
-                continue
-            values = self._host(grid[name])
-            values = hx.reshape(values, (len(request.multipliers), -1))
-            pieces.append(values)
-            if directions is not None:
-                used.append(steps_wanted[mine])
-            else:
-                at = planned.index[probes[mine]]
-                flat = hx.reshape(self._host_steps(steps[name]), (-1,))
-                used.append(flat[at])
-        costs = hx.concat(pieces, axis=1)
-        inverse = hx.argsort(order, stable=True)
-        return costs[:, inverse], hx.concat(used)[inverse]
-
-    def _base(self, request):
-        """θ and the args, or (request.base ≥ 1) every floating input perturbed by
-        ``request.perturbation`` relative, with seeded random signs."""
-        parts, args = self.prepared.parts, self.prepared.args
-        if not request.base:
-            return parts, args
-        key = (request.base, request.perturbation)
-        if key not in self.bases:
-            xp, backend = self.xp, self.prepared.backend
-            rng = host_random(self.seed + 104729 * request.base)
-
-            def moved(value):
-                signs = rng.choice([-1.0, 1.0], size=tuple(value.shape))
-                factor = to_backend(1.0 + request.perturbation * signs, backend, dtype=value.dtype)
-                return value * factor
-
-            new_parts = {name: moved(p) for name, p in parts.items()}
-            new_args = tuple(moved(x) if _is_float_array(x, xp) else x for x in args)
-            self.bases[key] = (new_parts, new_args)
-        return self.bases[key]
-
-    def _host(self, values):
-        hx = host_namespace()
-        out = hx.asarray(to_host(values))
-        if out.dtype != hx.float64:
-            self._note_dtype(values)
-            out = hx.astype(out, hx.float64)
-        return out
-
-    def _host_steps(self, steps):
-        hx = host_namespace()
-        return hx.astype(hx.asarray(to_host(steps)), hx.float64)
-
-    def _note_dtype(self, value):
-        xp = self.xp
-        dtype = value.dtype
-        if xp.finfo(dtype).bits < xp.finfo(next(iter(self.prepared.parts.values())).dtype).bits:
-            name = inputs._dtype_name(dtype)
-            if name not in self.narrow:
-                self.narrow.append(name)
-
-
-def _is_float_array(x, xp) -> bool:
-    from .backends import is_array, namespace
-
-    return is_array(x) and namespace(x) is xp and xp.isdtype(x.dtype, "real floating")
-
-
-def _prod(shape) -> int:
-    return math.prod(shape)
-
-
-def _none(part, xp):
-    return xp.zeros((0, math.prod(part.shape)), dtype=part.dtype)
-
-
-def _unit_steps(parts, xp):
-    return {name: xp.ones(tuple(p.shape), dtype=p.dtype) for name, p in parts.items()}
 
 
 def _progress_bar(progress: bool | None) -> Any:
