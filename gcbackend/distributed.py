@@ -387,7 +387,10 @@ def _mapped(stencil: evaluation.Stencil, move: Callable[[Any], Any]) -> evaluati
         args=tuple(move(a) if is_array(a) else a for a in stencil.args),
         steps=each(stencil.steps),
         elements=each(stencil.elements),
-        directions=each(stencil.directions),
+        # Directions too large to hold travel as their seeds (each worker draws its chunks' rows).
+        directions=None
+        if stencil.directions is None
+        else {name: move(d) if is_array(d) else d for name, d in stencil.directions.items()},
     )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import array_api_compat
+
 from . import differences, evaluation, inputs
 from .backends import host_namespace, host_random, is_array, namespace, to_backend, to_host
 
@@ -119,8 +121,13 @@ class Evaluator:
             wanted = steps_wanted[mine]
             shape = planned.shapes[k]
             if directions is not None:
-                units = planned.directions[name][at, :] * wanted[:, None]
-                directions[name] = to_backend(units, backend, dtype=parts[name].dtype)
+                units = planned.directions[name]
+                if units.held or array_api_compat.is_jax_namespace(xp):
+                    # Small (or a compiled JAX program's single argument): one array, as it is.
+                    rows = units.displacements(at, wanted).drawn()
+                    directions[name] = to_backend(rows, backend, dtype=parts[name].dtype)
+                else:  # drawn chunk by chunk, within the memory budget
+                    directions[name] = units.displacements(at, wanted)
                 steps[name] = _none(parts[name], xp)
                 continue
             full = hx.zeros((_prod(shape),))

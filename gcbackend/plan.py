@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from . import differences
 from .backends import host_namespace, host_random, to_host
+from .evaluation.directions import HELD_BYTES, Directions
 from .inputs import Prepared
 
 __all__ = ["ANALYTIC_ULPS", "LOW_PRECISION_ULPS", "Coverage", "Plan", "plan"]
@@ -80,7 +81,7 @@ class Plan(NamedTuple):
         Any  # (P,) float64: how many of those ulps its rounding may be (ANALYTIC_ULPS or LOW_PRECISION_ULPS)
     )
     step: Any  # (P,) float64: the first step, exact in the dtypes the cost may see
-    directions: dict[str, Any] | None  # name → (k, n) host unit directions (the screen)
+    directions: dict[str, Directions] | None  # name → the screen's seeded unit directions
     eval_eps: float  # eps of the dtype the cost is evaluated in
     counts: tuple[int, ...]  # probes per tensor
 
@@ -145,14 +146,16 @@ def plan(
     magnitude: list[Any] = []
     if mode == "directions":
         units = {}
-        for name, part in parts.items():
+        for k, (name, part) in enumerate(parts.items()):
             size = math.prod(part.shape)
-            u = rng.standard_normal((directions, size))
             # Unit directions: θ moves by h, as in a coordinate step, whatever the size. A
             # raw Gaussian moves it by h·√n, and a million-element W1 then crosses dozens
             # of ReLU kinks per direction (a false alarm on a correct 1000-1000-1 net).
-            units[name] = u / hx.linalg.vector_norm(u, axis=1, keepdims=True)
-            target.append(units[name] @ grads[name])
+            # Each is drawn from (seed, tensor, number): none is held unless all are small.
+            units[name] = Directions(seed, k, directions, size)
+            if 2 * directions * size * 8 <= min(HELD_BYTES, prepared.budget // 4):
+                units[name].hold()
+            target.append(units[name].products(grads[name]))
             # |uᵀe| ≤ ‖u‖·‖e‖ = ‖e‖ for the backprop's rounding e: uᵀg's rounding scales with ‖g‖,
             # not with |uᵀg| (which cancels).
             magnitude.append(hx.full((directions,), float(hx.linalg.vector_norm(grads[name]))))

@@ -147,6 +147,17 @@ def test_screens_and_samples_spread_too(client, options):
     assert_same_report(gc.check(mlp.cost, params, grads, X, Y, client=client, **options), local)
 
 
+@needs_dask
+def test_screen_directions_too_large_to_hold_travel_as_seeds(client, monkeypatch):
+    # Directions too large to hold are drawn per chunk, on the worker that evaluates it.
+    from gcbackend import plan
+
+    X, Y, params, grads = _mid()
+    local = gc.check(mlp.cost, params, grads, X, Y, mode="directions")
+    monkeypatch.setattr(plan, "HELD_BYTES", 0)
+    assert_same_report(gc.check(mlp.cost, params, grads, X, Y, client=client, mode="directions"), local)
+
+
 def _raising_cost(params, X, Y):
     if params["W2"].ndim == 3:  # W2 batched: its rows are being evaluated
         raise ValueError("W2 is broken")

@@ -469,3 +469,52 @@ def test_a_row_group_holds_nothing_per_row(backend, sampled):
         ]
         assert values == [originals[0] - 1e-3, originals[1] - 1e-3]
     assert peak < n  # not one byte per row of the tensor
+
+
+def test_screen_directions_drawn_per_chunk_give_the_held_ones_report(backend, monkeypatch):
+    # The fast screen's k×n direction matrices sat outside memory_budget (+2.2 GB at 10⁷
+    # parameters with a 256 MiB budget). Now each direction is drawn from (seed, tensor, j)
+    # where it is used; large ones are never held. Held or drawn, the rows are the same
+    # numbers: the reports are identical, bit for bit.
+    from gcbackend import plan
+
+    X, Y, params = mlp.random_case([6, 5, 1], 7, seed=3, xp=backend.xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+    wrong = dict(grads, W1=grads["W1"] * 1.01)
+    held = [gc.check(mlp.cost, params, g, X, Y, mode="directions", directions=5) for g in (grads, wrong)]
+    monkeypatch.setattr(plan, "HELD_BYTES", 0)
+    drawn = [gc.check(mlp.cost, params, g, X, Y, mode="directions", directions=5) for g in (grads, wrong)]
+    assert [r.verdict for r in drawn] == ["pass", "fail"], str(drawn[1])
+    assert drawn[1].faults == ("W1",)
+    for a, b in zip(held, drawn):
+        assert str(a) == str(b)
+        assert a.evaluations == b.evaluations
+        for name in a.parameters:
+            assert np.array_equal(host(a.parameters[name].numeric_grad), host(b.parameters[name].numeric_grad))
+            assert_on(b.parameters[name].numeric_grad, backend)
+
+
+def test_screen_directions_are_never_held_at_scale():
+    # The plan draws uᵀg one direction at a time and keeps no k×n matrix beyond HELD_BYTES;
+    # a chunk's rows draw only their own directions.
+    import tracemalloc
+
+    from gcbackend.evaluation.directions import Directions
+
+    n, k = 500_000, 16  # 64 MB as one float64 matrix
+    units = Directions(seed=0, tensor=0, count=k, n=n)
+    g = np.linspace(-1.0, 1.0, n)
+    tracemalloc.start()
+    try:
+        products = units.products(g)
+        rows = units.displacements(np.arange(k), np.full(k, 1e-3)).host_rows(np.asarray([3, 9]))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not units.held
+    assert peak < 6 * n * 8  # a few vectors of n, not k of them
+    third = np.random.default_rng((0, 0, 3)).standard_normal(n)
+    third /= np.linalg.norm(third)
+    assert np.array_equal(rows[0], third * 1e-3)
+    assert products[3] == float(third @ g)
+    assert rows.shape == (2, n)

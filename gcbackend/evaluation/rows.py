@@ -22,6 +22,7 @@ from array_api_compat import device
 from ..backends import to_host
 from ..params import Layout
 from .chunks import MAX_CHUNK_ROWS, WHOLE_ROWS
+from .directions import Displacements
 from .limits import call_weight
 
 if TYPE_CHECKING:
@@ -255,8 +256,11 @@ def coordinate_rows(
 def direction_rows(
     flat: Any, directions: Any, multipliers: tuple[float, ...], *, xp: ModuleType
 ) -> tuple[Rows, int]:
-    """rows(start, stop) of θ + [m_1·U; m_2·U; …] for k directions U of shape (k, n) (steps included)."""
+    """rows(start, stop) of θ + [m_1·U; m_2·U; …] for k directions U of shape (k, n) (steps
+    included): an array, or ``Displacements`` drawn for each chunk's rows only (the same values)."""
     count = directions.shape[0]
+    if isinstance(directions, Displacements):
+        return _drawn_rows(flat, directions, multipliers, xp=xp), len(multipliers) * count
     factors = xp.asarray(multipliers, dtype=directions.dtype, device=device(directions))
 
     def rows(start: int, stop: int) -> Any:
@@ -265,6 +269,26 @@ def direction_rows(
         return flat[None, :] + xp.take(directions, index % count, axis=0) * scale[:, None]
 
     return rows, len(multipliers) * count
+
+
+def _drawn_rows(
+    flat: Any, directions: Displacements, multipliers: tuple[float, ...], *, xp: ModuleType
+) -> Rows:
+    """``direction_rows`` for directions drawn per chunk: the chunk's displacements on the host,
+    moved to θ's device in θ's dtype, then the same operations (so bitwise the held rows)."""
+    import numpy as np
+
+    count = directions.shape[0]
+    where = device(flat)
+    factors = xp.asarray(multipliers, dtype=flat.dtype, device=where)
+
+    def rows(start: int, stop: int) -> Any:
+        index = np.arange(start, stop)
+        drawn = xp.asarray(directions.host_rows(index % count), device=where)
+        scale = xp.take(factors, xp.arange(start, stop, device=where) // count)
+        return flat[None, :] + xp.astype(drawn, flat.dtype) * scale[:, None]
+
+    return rows
 
 
 def _points(flat: Any, steps: Any, multipliers: tuple[float, ...], *, xp: ModuleType, elements: Any = None):
@@ -359,7 +383,8 @@ def row_group(stencil: Stencil, tensor: str | None, *, xp: ModuleType) -> RowGro
         rows, n_rows = coordinate_rows(flat, spread, multipliers, xp=xp, elements=chosen)
         points = _points(flat, spread, multipliers, xp=xp, elements=chosen)
         describe = _describer(layout, tensor, multipliers, chosen, False, n_rows // len(multipliers))
-    factors = xp.asarray(multipliers, dtype=spread.dtype, device=device(spread))
+    like = flat if stencil.directions is not None else spread  # (drawn directions have no dtype)
+    factors = xp.asarray(multipliers, dtype=like.dtype, device=device(like))
     source = Source(flat, spread, factors, chosen, n_rows // len(multipliers), stencil.directions is not None)
     return RowGroup(
         flat,
