@@ -490,7 +490,9 @@ def test_screen_directions_drawn_per_chunk_give_the_held_ones_report(backend, mo
         assert str(a) == str(b)
         assert a.evaluations == b.evaluations
         for name in a.parameters:
-            assert np.array_equal(host(a.parameters[name].numeric_grad), host(b.parameters[name].numeric_grad))
+            assert np.array_equal(
+                host(a.parameters[name].numeric_grad), host(b.parameters[name].numeric_grad)
+            )
             assert_on(b.parameters[name].numeric_grad, backend)
 
 
