@@ -283,6 +283,16 @@ def to_backend(x: Any, backend: Backend, *, dtype: Any = None) -> Any:
     return out
 
 
+def float64_of(xp: ModuleType) -> Any:
+    """``xp.float64`` where the namespace has it, else None (JAX without x64), asked of the
+    standard's inspection API: creating a float64 array to find out makes JAX warn."""
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is not None:
+        return info().dtypes(kind="real floating").get("float64")
+    wide = getattr(xp, "float64", None)
+    return wide if wide is not None and xp.asarray(0.0, dtype=wide).dtype == wide else None
+
+
 def host_random(seed: int) -> Any:
     """A NumPy ``Generator`` seeded with ``seed``: sampling and random directions are drawn on
     the host (the same numbers on every backend, and never the user's global RNG), then

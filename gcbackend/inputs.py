@@ -19,6 +19,7 @@ import array_api_compat
 from . import evaluation
 from .backends import (
     Backend,
+    float64_of,
     is_array,
     is_meta,
     namespace,
@@ -442,7 +443,7 @@ def _upcast(parts, args, xp, notes):
     a float32 backprop is judged against the truth, to its own precision.
     """
     low = sorted({_dtype_name(p.dtype) for p in parts.values() if xp.finfo(p.dtype).bits < 64})
-    if xp.asarray(1.0, dtype=xp.float64).dtype != xp.float64:  # JAX without x64
+    if float64_of(xp) is None:  # JAX without x64
         notes.append(
             "JAX runs without float64 here (jax_enable_x64 is off): everything was evaluated in "
             "float32, float64 inputs too; for float64, run jax.config.update('jax_enable_x64', True) "

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .backends import host_add_at, host_max_at, host_namespace, to_backend
+from .backends import float64_of, host_add_at, host_max_at, host_namespace, to_backend
 from .differences import SAFETY, Estimate, judged
 from .plan import Plan
 from .report import ElementError, ParameterResult, Report
@@ -390,8 +390,8 @@ def _numeric_on_backend(values: Any, shape: tuple[int, ...], plan: Plan, backend
     """A parameter's finite differences on the backend and device the check ran on (flat for
     sampled and directional checks), in float64 where the backend has it."""
     xp = backend.xp
-    wide = getattr(xp, "float64", None)
-    dtype = wide if wide is not None and xp.asarray(0.0, dtype=wide).dtype == wide else xp.float32
+    wide = float64_of(xp)
+    dtype = wide if wide is not None else xp.float32
     hx = host_namespace()
     data = values if plan.coverage.kind != "elements" else hx.reshape(values, shape)
     return to_backend(data, backend, dtype=dtype)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from . import differences
-from .backends import host_namespace, host_random, to_host
+from .backends import float64_of, host_namespace, host_random, to_host
 from .evaluation.directions import HELD_BYTES, Directions
 from .inputs import Prepared
 
@@ -207,8 +207,8 @@ def plan(
 def _host64(value: Any, xp: Any) -> Any:
     """A flat float64 host copy of a backend array (cast on the backend first: bfloat16 has no
     NumPy dtype, and JAX without x64 has no float64 there)."""
-    wide = getattr(xp, "float64", None)
-    if wide is not None and xp.asarray(0.0, dtype=wide).dtype == wide and value.dtype != wide:
+    wide = float64_of(xp)
+    if wide is not None and value.dtype != wide:
         value = xp.astype(value, wide)
     elif xp.finfo(value.dtype).bits < 32:
         value = xp.astype(value, xp.float32)

@@ -251,6 +251,27 @@ def test_jax_float32_trained_model_never_fails(jax32, seed):
     never_fail(gc.check(cost, params, g32, *args), f"JAX float32 trained, seed {seed}")
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"mode": "directions"}, {"sample": 5}, {"mode": "loop"}, {"upcast": False}, {"epsilon": 1e-3}],
+    ids=["defaults", "directions", "sample", "loop", "float32", "fixed-epsilon"],
+)
+def test_jax_without_x64_raises_no_warning_from_the_check(jax32, options):
+    # issue 21: asking JAX for a float64 array to learn whether it has float64 made it warn
+    # ("Explicitly requested dtype float64 ... will be truncated") on every check.
+    import warnings
+
+    cost, params, g32, _, args = _jax_model(jax32, 0, 0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        report = gc.check(cost, params, g32, *args, **options)
+    ours = [w for w in seen if "gcbackend" in w.filename]
+    assert ours == [], [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
+    assert report.verdict == "pass", str(report)
+    # the x64 note explains an upcast that could not happen; upcast=False asked for none
+    assert ("jax_enable_x64 is off" in str(report)) == options.get("upcast", True), str(report)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Float32 evaluation: upcast=False and JAX with x64 off
 
