@@ -35,6 +35,7 @@ whatever Dask raised is chained as ``__cause__``, never hidden by the cleanup's 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import importlib
 import itertools
@@ -300,12 +301,15 @@ def _outcomes(client: Any, futures: list[Any]) -> list[tuple[Any, str, Any]]:
         if future.key in values:
             out.append((future, "costs", values[future.key]))
             continue
+        if client.status in ("closing", "closed"):  # result() would wait for ever
+            out.append((future, "lost", concurrent.futures.CancelledError("the Dask client was closed")))
+            continue
         try:
             if future.status == "error":
-                out.append((future, "error", future.exception()))
+                out.append((future, "error", future.exception(timeout=WORKER_WAIT)))
             else:
-                out.append((future, "costs", future.result()))
-        except Exception as exc:  # cancelled: its inputs were lost, or the client closed
+                out.append((future, "costs", future.result(timeout=WORKER_WAIT)))
+        except Exception as exc:  # cancelled: its inputs were lost, or the client closed meanwhile
             out.append((future, "lost", exc))
     return out
 
