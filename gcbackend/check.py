@@ -67,9 +67,10 @@ def check(
         ``"numpy"``, ``"cupy"``, ``"torch"``, ``"jax"``, ``"array_api_strict"``, ``"dask"``,
         a namespace module, or None to infer it from the arrays. Inputs are copied there.
     epsilon, threshold
-        ``"auto"`` (default): a step per element from the dtype and |θ|, and a threshold of
-        10× the difference a correct gradient shows, measured in the same stacked pass
-        (J at ±h and ±2h, and J(θ) once: 4N + 1 evaluations). Numbers: the notebook's way,
+        ``"auto"`` (default): a step per element from the dtype and |θ|, and an error bar per
+        element measured from the same evaluations: J at ±h for every element, ±2h and
+        further steps only where ±h does not settle it, J(θ) twice and 32 rows measuring J's
+        rounding (≈ 2N + 40 on a smooth cost; 4N + 34 where θ fits one call). Numbers: the notebook's way,
         ``**gc.NOTEBOOK`` (epsilon=1e-7, threshold=2e-7), 2N evaluations, no error bars.
     order
         2 (default) or 4: the 4-point stencil (±h, ±2h) of the same evaluations, at order
@@ -95,7 +96,13 @@ def check(
         Evaluate float32/float16 parameters (and floating args) in float64 where the backend
         has it, so a float32 backprop is judged to its own precision (the report notes it).
     memory_budget
-        Bytes of perturbed parameter copies per stacked call (default 256 MiB).
+        Bytes the rows being evaluated may hold at once (default 256 MiB): each row of a
+        stacked call counts ``evaluation.ROW_FOOTPRINT`` (4) row-sized arrays (its perturbed
+        copy, its displacement and their product, a drawn screen direction), and threads
+        share it. Beyond it a check holds a few copies of the parameters' size (its own θ,
+        gradients and data, never the user's) and the cost's own temporaries for one call
+        (README: what memory_budget bounds). Below one perturbed copy of a parameter: an
+        InputError.
     progress
         A tqdm bar on stderr for checks that run longer than 2 s. None (default): only when
         stderr is a terminal; False: never; True: always.
@@ -110,9 +117,10 @@ def check(
         Threads that evaluate chunks (batched or looped rows) side by side in this process (1, the default:
         none; -1: one per CPU). For NumPy on a multi-core CPU, whose elementwise operations
         use one core each: the cost is then called from several threads at once, so it
-        must not mutate shared state; BLAS is held to one thread per call meanwhile. Each
-        thread holds its own chunk, so up to ``workers × memory_budget`` bytes of perturbed
-        copies are live. The report equals the one-thread report. Not with ``client=``.
+        must not mutate shared state; BLAS is held to one thread per call meanwhile. The
+        threads share ``memory_budget`` (each holds its own chunk), and no more of them run
+        than chunks of the largest parameter's rows fit it side by side (the report says so).
+        The report equals the one-thread report. Not with ``client=``.
 
     Returns
     -------

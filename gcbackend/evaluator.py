@@ -42,14 +42,26 @@ class Evaluator:
             from . import distributed  # only here: a check without a client never imports dask
 
             self.runner = distributed.runner(client, prepared.backend, cost, prepared.args)
-        elif (threads := evaluation.worker_count(int(workers))) > 1:
-            self.runner = evaluation.ThreadRunner(threads, self.xp)
-            self.notes.append(f"chunks of rows evaluated on {threads} threads (BLAS on 1 thread each)")
+        budget = prepared.budget
+        if client is None and (asked := evaluation.worker_count(int(workers))) > 1:
+            # The threads share the budget: each holds its own chunk, so no more threads run
+            # than chunks of the largest tensor's rows fit the budget side by side.
+            row = max(math.prod(p.shape) * (self.xp.finfo(p.dtype).bits // 8) for p in prepared.parts.values())
+            threads = min(asked, max(1, budget // (evaluation.ROW_FOOTPRINT * max(row, 1))))
+            if threads > 1:
+                budget //= threads
+                self.runner = evaluation.ThreadRunner(threads, self.xp)
+                self.notes.append(f"chunks of rows evaluated on {threads} threads (BLAS on 1 thread each)")
+            if threads < asked:
+                self.notes.append(
+                    f"workers={workers}: {threads} thread(s), as memory_budget={prepared.budget} holds "
+                    f"{'no more chunks' if threads > 1 else 'one chunk'} of the largest parameter's rows at once"
+                )
         self.options = dict(
             layout=prepared.layout,
             xp=self.xp,
             mode="auto" if mode == "directions" else mode,
-            memory_budget=prepared.budget,
+            memory_budget=budget,
             runner=self.runner,
             paths=self.paths,
         )

@@ -299,7 +299,8 @@ def test_a_cost_failing_on_a_thread_raises_the_one_thread_error():
     errors = []
     for workers in (1, 2):
         with pytest.raises(gc.CostError) as caught:
-            check(cost, params, mlp.backward(params, X, Y), X, Y, workers=workers, memory_budget=6 * 128 * 8)
+            budget = 6 * 128 * 8 * gc.evaluation.ROW_FOOTPRINT * workers  # 6 rows per call, per thread
+            check(cost, params, mlp.backward(params, X, Y), X, Y, workers=workers, memory_budget=budget)
         errors.append(str(caught.value))
     assert errors[0] == errors[1]
     assert "ValueError: no short batches (at a batch of 4 perturbed copies of parameter 'W2')" in errors[0]

@@ -112,14 +112,18 @@ def test_rows_are_the_notebooks_perturbed_vectors(backend):
 
 
 def test_chunk_rows_follow_the_budget():
-    assert evaluation.chunk_rows(1000, 10, 8, 800, "W") == 10
+    F = evaluation.ROW_FOOTPRINT  # row-sized arrays the check holds per row of a call
+    assert evaluation.chunk_rows(1000, 10, 8, 800 * F, "W") == 10
+    assert evaluation.chunk_rows(1000, 10, 8, 800, "W") == 10 // F  # 10 copies: 10 / F rows
+    assert evaluation.chunk_rows(1000, 10, 8, 80, "W") == 1  # one copy: a row at a time
     assert evaluation.chunk_rows(1000, 10, 8, 10**9, "W") == evaluation.MAX_CHUNK_ROWS
     assert evaluation.chunk_rows(5, 10, 8, 10**9, "W") == 5
     # A large tensor: as many copies as fit CACHE_BYTES, but never fewer than MIN_CHUNK_ROWS.
     big = evaluation.CACHE_BYTES // (8 * 4)  # 4 copies of it fit
     assert evaluation.chunk_rows(1000, big, 8, 10**12, "W") == evaluation.MIN_CHUNK_ROWS
     assert evaluation.chunk_rows(1000, 32768, 8, 10**12, "W") == evaluation.CACHE_BYTES // (32768 * 8)
-    assert evaluation.chunk_rows(1000, big, 8, 2 * 8 * big, "W") == 2  # the memory budget still rules
+    assert evaluation.chunk_rows(1000, big, 8, 2 * 8 * big * F, "W") == 2  # the memory budget still rules
+    assert evaluation.chunks.vmap_rows(big, 8, 3 * 8 * big * F) == 3
     with pytest.raises(gc.InputError, match=r"memory_budget=79 .* 'W'.* at least memory_budget=80"):
         evaluation.chunk_rows(1000, 10, 8, 79, "W")
 
@@ -134,19 +138,21 @@ def test_stacked_call_count_is_bounded(backend):
         return mlp.cost(p, X, Y)
 
     n = {k: math.prod(v.shape) for k, v in params.items()}
-    budget = 50 * 8 * 200  # 50 rows of a 200-element tensor
+    F = evaluation.ROW_FOOTPRINT
+    budget = 50 * 8 * 200 * F  # 50 rows of a 200-element tensor
     evaluation.central_differences(
         counting_cost, params, (X, Y), layout=Layout.of(params), epsilon=1e-7, xp=xp, memory_budget=budget
     )
     expected = sum(
         math.ceil(2 * size / evaluation.chunk_rows(2 * size, size, 8, budget, k)) for k, size in n.items()
     )
-    assert expected == sum(math.ceil(2 * size / min(64, budget // (8 * size))) for size in n.values())
+    assert expected == sum(math.ceil(2 * size / min(64, budget // (F * 8 * size))) for size in n.values())
     assert len(calls) == expected
 
 
 @pytest.mark.parametrize(
-    ("dims", "m", "budget"), [([4, 5, 3, 1], 3, None), ([12, 10, 6, 1], 20, 40 * 120 * 8)]
+    ("dims", "m", "budget"),
+    [([4, 5, 3, 1], 3, None), ([12, 10, 6, 1], 20, 40 * 120 * 8 * evaluation.ROW_FOOTPRINT)],
 )
 def test_a_runner_gets_every_tensors_chunks_at_once_and_changes_no_bit(backend, dims, m, budget):
     # The seam gcbackend.distributed plugs into: a runner that evaluates each chunk with
@@ -203,7 +209,7 @@ def test_measured_chunk_sizes_stay_in_the_budget_and_change_no_bit(backend):
         return xp.sum(c * p["w"] * p["w"], axis=-1)
 
     layout = Layout.of(params)
-    budget = 40 * 1500 * 8  # 40 rows of w per call, at most
+    budget = 40 * 1500 * 8 * evaluation.ROW_FOOTPRINT  # 40 rows of w per call, at most
     tuned = evaluation.central_differences(
         cost, params, (c,), layout=layout, epsilon=1e-6, xp=xp, memory_budget=budget
     )
@@ -349,9 +355,11 @@ def test_the_checked_row_of_a_chunk_is_the_same_everywhere(backend):
 
         return cost
 
-    budget = 16 * 120 * 8  # 16 rows of W1 (120 elements) per call
-    for workers in (1, 2):
-        report = gc.check(recording(workers), params, grads, X, Y, memory_budget=budget, workers=workers)
+    budget = 16 * 120 * 8 * evaluation.ROW_FOOTPRINT  # 16 rows of W1 (120 elements) per call
+    for workers in (1, 2):  # the threads share the budget: each holds its own chunk
+        report = gc.check(
+            recording(workers), params, grads, X, Y, memory_budget=budget * workers, workers=workers
+        )
         assert report.verdict == "pass" and report.parameters["W1"].path == "broadcast"
     assert moved[1] == moved[2]
     n_rows = 2 * 120  # the check's first stage: ±h for every element, 15 chunks of 16 rows
@@ -520,3 +528,61 @@ def test_screen_directions_are_never_held_at_scale():
     assert np.array_equal(rows[0], third * 1e-3)
     assert products[3] == float(third @ g)
     assert rows.shape == (2, n)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mode": "directions", "directions": 8},
+        {"mode": "directions", "directions": 8, "workers": 2},
+        {"sample": 16},
+        {"sample": 16, "workers": 2},
+    ],
+    ids=["screen", "screen-2-threads", "sample", "sample-2-threads"],
+)
+def test_a_whole_check_stays_within_the_budget_and_a_few_copies_of_theta(options):
+    # issue 20: memory_budget bounded only the perturbed copies; the drawn directions, the
+    # products and sums of a chunk's rows (4 row-sized arrays per row) and every thread's own
+    # chunk came on top (10⁷ parameters, 256 MiB: +1.2 GB). Now the chunks hold
+    # ROW_FOOTPRINT arrays per row within the budget, the threads share it, and beyond it
+    # the check keeps a few copies of θ (its own θ, gradient and data, never the user's)
+    # and the cost's temporaries for one chunk. NumPy reports its allocations to tracemalloc.
+    import tracemalloc
+
+    from gcbackend.models import linear
+
+    n = 400_000
+    theta = np.linspace(-1.0, 1.0, n)
+    x = np.cos(np.arange(n, dtype=np.float64))
+    g = linear.gradient(theta, x)
+    copy = theta.nbytes
+    budget = 12 * copy  # 3 rows of ROW_FOOTPRINT arrays: the budget, not the cache, rules
+    gc.check(linear.cost, theta[:1000], g[:1000], x[:1000], memory_budget=budget, **options)  # warm
+    tracemalloc.start()
+    try:
+        report = gc.check(linear.cost, theta, g, x, memory_budget=budget, **options)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.verdict == "pass", str(report)
+    chunk_temporaries = budget // evaluation.ROW_FOOTPRINT  # θ·x for each row of a chunk
+    assert peak <= budget + chunk_temporaries + 9 * copy, (peak / copy, budget / copy)
+
+
+def test_threads_share_the_budget_and_the_report_says_when_it_holds_fewer():
+    X, Y, params = mlp.random_case([12, 10, 6, 1], 20, seed=5)
+    grads = mlp.backward(params, X, Y)
+    row = 120 * 8  # W1, the largest tensor
+    one = gc.check(mlp.cost, params, grads, X, Y, memory_budget=row * evaluation.ROW_FOOTPRINT)
+    both = gc.check(mlp.cost, params, grads, X, Y, memory_budget=row * evaluation.ROW_FOOTPRINT, workers=2)
+    assert both.notes == one.notes + (
+        f"workers=2: 1 thread(s), as memory_budget={row * evaluation.ROW_FOOTPRINT} holds one chunk "
+        "of the largest parameter's rows at once",
+    )
+    assert both.difference == one.difference and both.verdict == one.verdict == "pass"
+    wide = gc.check(
+        mlp.cost, params, grads, X, Y, memory_budget=2 * row * evaluation.ROW_FOOTPRINT, workers=3
+    )
+    assert "chunks of rows evaluated on 2 threads (BLAS on 1 thread each)" in wide.notes
+    assert any(note.startswith("workers=3: 2 thread(s), as memory_budget=") for note in wide.notes)
+    assert wide.difference == one.difference

@@ -22,11 +22,13 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "MAX_CHUNK_ROWS",
     "MIN_CHUNK_ROWS",
+    "ROW_FOOTPRINT",
     "TUNE_CALLS",
     "TUNE_MIN_ROWS",
     "TUNE_SIZES",
     "VMAP_ROWS",
     "WHOLE_ROWS",
+    "budget_rows",
     "chunk_bounds",
     "chunk_rows",
     "timed_on_host",
@@ -35,7 +37,12 @@ __all__ = [
 ]
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
-"""Bytes of perturbed parameter copies one stacked call may hold (256 MiB)."""
+"""Bytes the rows of one stacked call may hold (256 MiB), ROW_FOOTPRINT row-sized arrays each."""
+ROW_FOOTPRINT = 4
+"""Row-sized arrays the check itself holds per row of a stacked call while it builds and
+evaluates it: the perturbed copy, the displacement (one-hot step or drawn direction) and its
+product with the step, and the drawn direction on the host. ``memory_budget`` is divided by
+this many copies of a row (the cost's own temporaries for the batch come on top)."""
 MAX_CHUNK_ROWS = 64
 """Rows per stacked call, at most: beyond this, batched GEMMs stop getting faster and the
 activations (which grow with the batch too) stop fitting in cache (bench/run.py, L model)."""
@@ -71,7 +78,13 @@ def chunk_rows(
             f"memory_budget={row_bytes}"
         )
     cache = max(MIN_CHUNK_ROWS, CACHE_BYTES // row_bytes)
-    return max(1, min(n_rows, most, cache, memory_budget // row_bytes))
+    return max(1, min(n_rows, most, cache, budget_rows(memory_budget, row_bytes)))
+
+
+def budget_rows(memory_budget: int, row_bytes: int) -> int:
+    """Rows whose ROW_FOOTPRINT row-sized arrays fit ``memory_budget`` (at least 1: a budget
+    of one perturbed copy or more evaluates a row at a time)."""
+    return max(1, memory_budget // (ROW_FOOTPRINT * row_bytes))
 
 
 def chunk_bounds(
@@ -85,7 +98,7 @@ def chunk_bounds(
 
 def vmap_rows(size: int, itemsize: int, memory_budget: int) -> int:
     """Rows per vmapped call over a size-``size`` tensor: VMAP_ROWS, within the budget."""
-    return max(1, min(VMAP_ROWS, memory_budget // (size * itemsize)))
+    return min(VMAP_ROWS, budget_rows(memory_budget, size * itemsize))
 
 
 def timed_on_host(xp: ModuleType, array: Any) -> bool:

@@ -22,6 +22,7 @@ from .chunks import (
     MAX_CHUNK_ROWS,
     TUNE_MIN_ROWS,
     WHOLE_ROWS,
+    budget_rows,
     chunk_bounds,
     chunk_rows,
     timed_on_host,
@@ -77,7 +78,9 @@ def evaluate_rows(
     if path.name == "vmap":
         sizes = itertools.repeat(vmap_rows(size, itemsize, memory_budget))
     elif n_rows - start >= TUNE_MIN_ROWS and timed_on_host(xp, group.flat):
-        sizes = tuned_sizes(min((n_rows - start) // 4, memory_budget // (size * itemsize)), seconds, static)
+        sizes = tuned_sizes(
+            min((n_rows - start) // 4, budget_rows(memory_budget, size * itemsize)), seconds, static
+        )
     else:
         sizes = itertools.repeat(static)
     checks: list[Pending] = []

@@ -286,7 +286,7 @@ def _drawn_rows(
         index = np.arange(start, stop)
         drawn = xp.asarray(directions.host_rows(index % count), device=where)
         scale = xp.take(factors, xp.arange(start, stop, device=where) // count)
-        return flat[None, :] + xp.astype(drawn, flat.dtype) * scale[:, None]
+        return flat[None, :] + xp.astype(drawn, flat.dtype, copy=False) * scale[:, None]
 
     return rows
 
