@@ -314,9 +314,7 @@ class Ladder:
         alone = (est.candidates == 1) | est.inconsistent
         single = verdict.off & ~est.kink & alone & ~self.confirming
         sure = verdict.off & ~est.kink & ~alone
-        badness = (xp.abs(plan.target - verdict.numeric) - verdict.tolerance) / xp.maximum(
-            verdict.tolerance, 1e-300
-        )
+        badness = _excess(plan, verdict)
         moved = False
         for k in range(len(plan.names)):
             where = plan.where(k)
@@ -488,9 +486,7 @@ class Ladder:
             return None
         est = self.result()
         verdict = judged(plan, est)
-        excess = (xp.abs(plan.target - verdict.numeric) - verdict.tolerance) / xp.maximum(
-            verdict.tolerance, 1e-300
-        )
+        excess = _excess(plan, verdict)
         candidates = low & verdict.off & ~est.kink & ~est.undetermined & ~self.measured
         chosen = []
         for k in range(len(plan.names)):
@@ -539,3 +535,14 @@ def _size(shape: tuple[int, ...]) -> int:
 def _none() -> Any:
     xp = host_namespace()
     return xp.zeros((0,), dtype=xp.int64)
+
+
+def _excess(plan: Any, verdict: Any) -> Any:
+    """How far each value is off, in tolerances: the order in which values are evaluated again.
+    NaN where the numeric value is NaN (sorted last), computed without NumPy's warning."""
+    import numpy
+
+    with numpy.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        return (abs(plan.target - verdict.numeric) - verdict.tolerance) / numpy.maximum(
+            verdict.tolerance, 1e-300
+        )
