@@ -291,16 +291,25 @@ def _require_valid(parts: dict[str, Any], analytic: dict[str, Any], epsilon: flo
     raise AssertionError("unreachable: a flagged tensor always raises above")  # pragma: no cover
 
 
-def _require_budget(parts: dict[str, Any], budget: int, xp) -> None:
-    """A stacked call holds at least one perturbed copy of a tensor: the largest must fit."""
-    row_bytes = {name: math.prod(p.shape) * (xp.finfo(p.dtype).bits // 8) for name, p in parts.items()}
+def _require_budget(parts: dict[str, Any], budget: int, xp, upcast: bool) -> None:
+    """A stacked call holds at least one perturbed copy of a tensor: the largest must fit, in
+    the dtype it will be evaluated in. Asked before the gradients and data are copied, so a
+    refused check has allocated one copy of θ, no more."""
+
+    def itemsize(p):
+        own = xp.finfo(p.dtype).bits // 8
+        return max(own, 8) if upcast and float64_of(xp) is not None else own
+
+    row_bytes = {name: math.prod(p.shape) * itemsize(p) for name, p in parts.items()}
     name = max(row_bytes, key=row_bytes.get)
     if budget < row_bytes[name]:
-        part = parts[name]
+        size = math.prod(parts[name].shape)
         raise InputError(
             f"memory_budget={budget} bytes is too small for one perturbed copy of params[{name!r}] "
-            f"({math.prod(part.shape)} elements × {xp.finfo(part.dtype).bits // 8} bytes); pass at "
-            f"least memory_budget={row_bytes[name]}, or mode='loop'"
+            f"({size} elements × {itemsize(parts[name])} bytes); pass at least memory_budget="
+            f"{row_bytes[name]} (a batch of B rows takes {evaluation.ROW_FOOTPRINT}·B copies), or "
+            f"mode='loop', which needs no batch but calls the cost once per row ({2 * size:,} calls "
+            "or more here)"
         )
 
 
@@ -409,6 +418,8 @@ def prepare(
                 f"params[{name!r}] has shape {tuple(part.shape)}, no elements: there is nothing to "
                 "check; drop it from params (and grads)"
             )
+    if mode != "loop":
+        _require_budget(parts, budget, xp, upcast)
     analytic = {}
     for name, value in picked.items():
         # In its own dtype: a gradient is judged to the precision it was computed in.
@@ -426,8 +437,6 @@ def prepare(
     dtypes = {name: part.dtype for name, part in parts.items()}
     parts, moved_args = _upcast(parts, moved_args, xp, notes) if upcast else (parts, moved_args)
     _require_valid(parts, analytic, epsilon, xp)
-    if mode != "loop":
-        _require_budget(parts, budget, xp)
 
     layout = Layout(
         tuple(parts), tuple(tuple(p.shape) for p in parts.values()), single=single, treedef=tree.treedef
