@@ -46,7 +46,9 @@ class Evaluator:
         if client is None and (asked := evaluation.worker_count(int(workers))) > 1:
             # The threads share the budget: each holds its own chunk, so no more threads run
             # than chunks of the largest tensor's rows fit the budget side by side.
-            row = max(math.prod(p.shape) * (self.xp.finfo(p.dtype).bits // 8) for p in prepared.parts.values())
+            row = max(
+                math.prod(p.shape) * (self.xp.finfo(p.dtype).bits // 8) for p in prepared.parts.values()
+            )
             threads = min(asked, max(1, budget // (evaluation.ROW_FOOTPRINT * max(row, 1))))
             if threads > 1:
                 budget //= threads
