@@ -42,28 +42,30 @@ class Evaluator:
             from . import distributed  # only here: a check without a client never imports dask
 
             self.runner = distributed.runner(client, prepared.backend, cost, prepared.args)
-        budget = prepared.budget
         if client is None and (asked := evaluation.worker_count(int(workers))) > 1:
-            # The threads share the budget: each holds its own chunk, so no more threads run
-            # than chunks of the largest tensor's rows fit the budget side by side.
-            row = max(
-                math.prod(p.shape) * (self.xp.finfo(p.dtype).bits // 8) for p in prepared.parts.values()
+            # Each thread holds its own chunk, and the chunks are the one-thread check's (so is
+            # the report, bit for bit, on every backend): as many threads as such chunks of the
+            # largest tensor's rows fit memory_budget side by side.
+            budget = prepared.budget
+            chunk = max(
+                evaluation.ROW_FOOTPRINT
+                * _chunk_bytes(math.prod(p.shape), self.xp.finfo(p.dtype).bits // 8, budget, self.xp)
+                for p in prepared.parts.values()
             )
-            threads = min(asked, max(1, budget // (evaluation.ROW_FOOTPRINT * max(row, 1))))
+            threads = min(asked, max(1, budget // chunk))
             if threads > 1:
-                budget //= threads
                 self.runner = evaluation.ThreadRunner(threads, self.xp)
                 self.notes.append(f"chunks of rows evaluated on {threads} threads (BLAS on 1 thread each)")
             if threads < asked:
                 self.notes.append(
-                    f"workers={workers}: {threads} thread(s), as memory_budget={prepared.budget} holds "
-                    f"{'no more chunks' if threads > 1 else 'one chunk'} of the largest parameter's rows at once"
+                    f"workers={workers}: {threads} thread(s), as memory_budget={budget} holds "
+                    f"{'no more' if threads > 1 else 'one'} of the largest parameter's chunks at once"
                 )
         self.options = dict(
             layout=prepared.layout,
             xp=self.xp,
             mode="auto" if mode == "directions" else mode,
-            memory_budget=budget,
+            memory_budget=prepared.budget,
             runner=self.runner,
             paths=self.paths,
         )
@@ -243,3 +245,12 @@ def _none(part, xp):
 
 def _unit_steps(parts, xp):
     return {name: xp.ones(tuple(p.shape), dtype=p.dtype) for name, p in parts.items()}
+
+
+def _chunk_bytes(size: int, itemsize: int, budget: int, xp: Any) -> int:
+    """Bytes of perturbed copies in the largest chunk of a size-``size`` tensor's rows (stacked,
+    or vmapped on PyTorch and JAX), before ROW_FOOTPRINT."""
+    rows = evaluation.chunk_rows(2**62, size, itemsize, budget, "")
+    if array_api_compat.is_torch_namespace(xp) or array_api_compat.is_jax_namespace(xp):
+        rows = max(rows, evaluation.chunks.vmap_rows(size, itemsize, budget))
+    return rows * size * itemsize

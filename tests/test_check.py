@@ -220,7 +220,7 @@ def test_no_progress_bar_off_a_terminal(capsys):
 
 
 def _threads_case(backend):
-    # 289 parameters, 578 or 1157 rows: several chunks per tensor with a small budget.
+    # 289 parameters, 578 or 1157 rows: several chunks of 64 rows for W1 and W2.
     return mlp.random_case([8, 16, 8, 1], 32, seed=3, xp=backend.xp, device=backend.device)
 
 
@@ -229,7 +229,7 @@ def test_workers_give_the_one_thread_report(backend, options):
     X, Y, params = _threads_case(backend)
     grads = mlp.backward_with_planted_bugs(params, X, Y)
     saved = snapshot(params)
-    kwargs = dict(memory_budget=8 * 128 * 8, **options)  # 8 rows of W1 per call: 16 calls for W1 alone
+    kwargs = dict(options)  # the default budget: W1's 256 first-stage rows in chunks of 64
     one = gc.check(mlp.cost, params, grads, X, Y, **kwargs)
     two = gc.check(mlp.cost, params, grads, X, Y, workers=2, **kwargs)
     assert two.difference == one.difference and two.verdict == one.verdict == "fail"
@@ -260,7 +260,7 @@ def test_workers_call_the_cost_from_several_threads_with_blas_on_one():
         return mlp.cost(p, X, Y)
 
     before = blas_threads()
-    check(cost, params, mlp.backward(params, X, Y), X, Y, workers=2, memory_budget=8 * 128 * 8)
+    check(cost, params, mlp.backward(params, X, Y), X, Y, workers=2)  # chunks of 64 rows
     assert blas_threads() == before  # restored
     # The calling thread only decides each tensor's path (mode='auto': a 2-row probe, two
     # single calls and the first chunk, per tensor) and evaluates J(θ); the rest is threaded.
@@ -290,20 +290,22 @@ def test_workers_exclude_a_client_and_apply_to_the_loop():
 
 def test_a_cost_failing_on_a_thread_raises_the_one_thread_error():
     X, Y, params = mlp.random_case([8, 16, 8, 1], 32, seed=3)
+    last = float(params["W2"][-1, -1])
 
     def cost(p, X, Y):
-        if p["W2"].ndim == 3 and p["W2"].shape[0] == 4:  # the last, short chunk of W2's rows (256 = 42·6 + 4)
-            raise ValueError("no short batches")
+        # The last chunk of W2's first-stage rows (256 = 4·64: rows 192..255 move elements 64..127
+        # by −h) is the only batch whose last row moves W2's last element.
+        if p["W2"].ndim == 3 and p["W2"].shape[0] > 1 and float(p["W2"][-1, -1, -1]) != last:
+            raise ValueError("not the last chunk")
         return mlp.cost(p, X, Y)
 
     errors = []
     for workers in (1, 2):
         with pytest.raises(gc.CostError) as caught:
-            budget = 6 * 128 * 8 * gc.evaluation.ROW_FOOTPRINT * workers  # 6 rows per call, per thread
-            check(cost, params, mlp.backward(params, X, Y), X, Y, workers=workers, memory_budget=budget)
+            check(cost, params, mlp.backward(params, X, Y), X, Y, workers=workers)  # chunks of 64 rows
         errors.append(str(caught.value))
     assert errors[0] == errors[1]
-    assert "ValueError: no short batches (at a batch of 4 perturbed copies of parameter 'W2')" in errors[0]
+    assert "ValueError: not the last chunk (at a batch of 64 perturbed copies of parameter 'W2')" in errors[0]
 
 
 def test_workers_minus_one_is_one_per_cpu():

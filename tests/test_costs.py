@@ -432,7 +432,8 @@ def test_a_cost_writing_into_its_inputs_never_corrupts_the_verdict(backend, mode
 def test_workers_thread_the_loop_and_give_the_same_report():
     (X, Y), params, grads = mlp_case(NP, None, l2=True)
     one = gc.check(compute_cost_with_regularization, params, grads, X, Y)
-    two = gc.check(compute_cost_with_regularization, params, grads, X, Y, workers=2, memory_budget=4 * 20 * 8)
+    two = gc.check(compute_cost_with_regularization, params, grads, X, Y, workers=2)
+    assert "chunks of rows evaluated on 2 threads (BLAS on 1 thread each)" in two.notes
     assert two.difference == one.difference
     assert [r.path for r in two.parameters.values()] == [r.path for r in one.parameters.values()]
 
@@ -553,7 +554,9 @@ def test_a_cost_that_broadcasts_right_only_at_some_batch_sizes_is_caught():
         J = mlp.cost(p, X, Y)
         return J * 1.5 if any(v.ndim == 3 and v.shape[0] == 4 for v in p.values()) else J
 
-    budget = 8 * 15 * 8  # 8 rows of W2 (15 elements) per call: its 60 rows end with a call of 4
+    budget = (
+        8 * 15 * 8 * gc.evaluation.ROW_FOOTPRINT
+    )  # 8 rows of W2 (15 elements) per call: its 60 rows end with a call of 4
     report = gc.check(cost, params, grads, X, Y, memory_budget=budget)
     assert report.passed, str(report)
     assert report.parameters["W2"].path == "loop"

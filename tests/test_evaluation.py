@@ -90,7 +90,7 @@ def test_rows_are_the_notebooks_perturbed_vectors(backend):
         layout=Layout.of(params),
         epsilon=1e-7,
         xp=xp,
-        memory_budget=8 * 20 * 7,
+        memory_budget=8 * 20 * 7 * evaluation.ROW_FOOTPRINT,
     )
     base = {k: host(v) for k, v in params.items()}
     rows = []
@@ -355,15 +355,13 @@ def test_the_checked_row_of_a_chunk_is_the_same_everywhere(backend):
 
         return cost
 
-    budget = 16 * 120 * 8 * evaluation.ROW_FOOTPRINT  # 16 rows of W1 (120 elements) per call
-    for workers in (1, 2):  # the threads share the budget: each holds its own chunk
-        report = gc.check(
-            recording(workers), params, grads, X, Y, memory_budget=budget * workers, workers=workers
-        )
+    for workers in (1, 2):  # the default budget: the chunks are MAX_CHUNK_ROWS rows, two threads
+        report = gc.check(recording(workers), params, grads, X, Y, workers=workers)
         assert report.verdict == "pass" and report.parameters["W1"].path == "broadcast"
+    assert "chunks of rows evaluated on 2 threads (BLAS on 1 thread each)" in report.notes
     assert moved[1] == moved[2]
-    n_rows = 2 * 120  # the check's first stage: ±h for every element, 15 chunks of 16 rows
-    chunks = [(start, start + 16) for start in range(16, n_rows, 16)]
+    n_rows, size = 2 * 120, evaluation.MAX_CHUNK_ROWS  # the first stage: ±h for every element
+    chunks = [(start, min(start + size, n_rows)) for start in range(size, n_rows, size)]
     chosen = [evaluation.paths.checked_row("W1", start, stop) for start, stop in chunks]
     assert all(start <= row < stop for row, (start, stop) in zip(chosen, chunks))
     assert len({row - start for row, (start, _) in zip(chosen, chunks)}) > 1  # not always one offset
@@ -569,20 +567,25 @@ def test_a_whole_check_stays_within_the_budget_and_a_few_copies_of_theta(options
     assert peak <= budget + chunk_temporaries + 9 * copy, (peak / copy, budget / copy)
 
 
-def test_threads_share_the_budget_and_the_report_says_when_it_holds_fewer():
+def test_threads_hold_the_one_thread_chunks_within_the_budget_and_the_report_says_when_fewer():
+    # Each thread holds its own chunk; the chunks stay the one-thread check's (PyTorch's batched
+    # GEMMs are not bitwise the same at every batch size), so the budget sets how many threads.
     X, Y, params = mlp.random_case([12, 10, 6, 1], 20, seed=5)
     grads = mlp.backward(params, X, Y)
-    row = 120 * 8  # W1, the largest tensor
-    one = gc.check(mlp.cost, params, grads, X, Y, memory_budget=row * evaluation.ROW_FOOTPRINT)
-    both = gc.check(mlp.cost, params, grads, X, Y, memory_budget=row * evaluation.ROW_FOOTPRINT, workers=2)
-    assert both.notes == one.notes + (
-        f"workers=2: 1 thread(s), as memory_budget={row * evaluation.ROW_FOOTPRINT} holds one chunk "
-        "of the largest parameter's rows at once",
+    F, row = evaluation.ROW_FOOTPRINT, 120 * 8  # W1, the largest tensor: 240 rows in the first stage
+    one = gc.check(mlp.cost, params, grads, X, Y, memory_budget=F * row)  # one row per chunk
+    both = gc.check(mlp.cost, params, grads, X, Y, memory_budget=F * row, workers=2)
+    assert both.notes == (
+        *one.notes,
+        f"workers=2: 1 thread(s), as memory_budget={F * row} holds one of the largest parameter's chunks at once",
     )
     assert both.difference == one.difference and both.verdict == one.verdict == "pass"
-    wide = gc.check(
-        mlp.cost, params, grads, X, Y, memory_budget=2 * row * evaluation.ROW_FOOTPRINT, workers=3
-    )
+    chunk = F * row * evaluation.MAX_CHUNK_ROWS  # 64 rows: the budget no longer sets the chunk
+    budget = 2 * chunk + chunk // 2
+    wide = gc.check(mlp.cost, params, grads, X, Y, memory_budget=budget, workers=3)
     assert "chunks of rows evaluated on 2 threads (BLAS on 1 thread each)" in wide.notes
-    assert any(note.startswith("workers=3: 2 thread(s), as memory_budget=") for note in wide.notes)
+    assert (
+        f"workers=3: 2 thread(s), as memory_budget={budget} holds no more of the largest parameter's chunks at once"
+        in wide.notes
+    )
     assert wide.difference == one.difference

@@ -50,7 +50,7 @@ def test_concurrent_checks_leave_the_process_as_they_found_it(backend, checks, w
     xp = backend.xp
     X, Y, params = mlp.random_case([12, 10, 6, 1], 20, seed=7, xp=xp, device=backend.device)
     grads = mlp.backward(params, X, Y)
-    alone = gc.check(mlp.cost, params, grads, X, Y, memory_budget=16 * 120 * 8)
+    alone = gc.check(mlp.cost, params, grads, X, Y, memory_budget=16 * 120 * 8 * gc.evaluation.ROW_FOOTPRINT)
     before = _process_state()
     reports, failures = [], []
     start = threading.Barrier(checks)
@@ -59,7 +59,9 @@ def test_concurrent_checks_leave_the_process_as_they_found_it(backend, checks, w
         try:
             start.wait()
             for _ in range(rounds):
-                budget = (8 + 4 * index) * 120 * 8  # other chunks: the checks' holds interleave
+                budget = (
+                    (8 + 4 * index) * 120 * 8 * gc.evaluation.ROW_FOOTPRINT * 2
+                )  # other chunks: the holds interleave
                 reports.append(gc.check(mlp.cost, params, grads, X, Y, memory_budget=budget, workers=workers))
         except BaseException as exc:  # pragma: no cover - reported below
             failures.append(exc)
