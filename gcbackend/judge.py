@@ -171,14 +171,17 @@ def judge(
         unbracketed = _labels(label, off[where] & estimate.kink[where], stats["kink_outliers"])
         kinks = _labels(label, estimate.kink[where] & ~off[where], stats["kinks"] - stats["kink_outliers"])
         ties = [t for t in estimate.ties if t.tensor == k]
-        tie_failed = tie_vague = False
+        tie_vague, ties_off = False, []
         for t in ties:
             bar = SAFETY * t.error + plan.ulps[where][0] * plan.grad_eps[where][0] * t.magnitude
             if t.kink:
                 nearest = min(max(t.target, t.low - t.error), t.high + t.error)
                 tie_vague |= abs(t.target - nearest) > bar
-            else:
-                tie_failed |= abs(t.target - t.numeric) > bar
+            elif abs(t.target - t.numeric) > bar:
+                ties_off.append(
+                    (abs(t.target - t.numeric) / max(bar, 1e-300), float(t.target), float(t.numeric))
+                )
+        tie_failed = bool(ties_off)
         independent = not stats["moving"] and stats["nonzero"] > 0 and not stats["undetermined"]
         difference = _ratio(stats["gap"], size)
         noise_rel = _ratio(stats["noise"], floor_scale)
@@ -214,6 +217,7 @@ def judge(
             reason=reason,
             independent=independent,
             ties=len(ties),
+            ties_off=tuple((a, n) for _, a, n in sorted(ties_off, key=lambda off: -off[0])),
         )
     a_all, n_all = a_kept, n_kept
     overall_gap, overall_a, overall_n = norm(a_all - n_all), norm(a_all), norm(n_all)

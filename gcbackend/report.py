@@ -88,6 +88,10 @@ class ParameterResult:
     is not zero: the cost does not read it (a cost that reads its parameters from elsewhere)."""
     ties: int = 0
     """Directions moving several of its kink elements together, checked (tied maxima)."""
+    ties_off: tuple[tuple[float, float], ...] = ()
+    """(analytic, numeric) of each of those directions where J is smooth and the gradient's
+    directional derivative is off by more than its error bar, worst first: a fail no single
+    element shows (a max-pool backward that routes to every tied maximum)."""
 
     @property
     def passed(self) -> bool:
@@ -325,6 +329,14 @@ def _where(report: Report, name: str, e: ElementError) -> str:
 def _element_lines(report: Report, name: str) -> list[str]:
     p = report.parameters[name]
     off = [e for e in p.top if _is_off(report, p, e)]
+    if not off and p.ties_off:
+        analytic, numeric = p.ties_off[0]
+        return [
+            f"  {name}: no single element is off by more than its error bar, but moving its tied kink "
+            f"elements together ({len(p.ties_off)} of {p.ties} such directions) J changes otherwise than "
+            f"the gradient says (worst: analytic {analytic:.9g}, numeric {numeric:.9g}): does the "
+            "backward route to every tied maximum? (a subgradient routes to one)"
+        ]
     if not off:
         bar = "its error bar" if _barred(report) else "the threshold"
         return [
