@@ -9,6 +9,7 @@ here and nowhere else.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "host_max_at",
     "host_min_at",
     "host_namespace",
+    "host_norm",
     "is_array",
     "is_meta",
     "resolve",
@@ -291,6 +293,21 @@ def float64_of(xp: ModuleType) -> Any:
         return info().dtypes(kind="real floating").get("float64")
     wide = getattr(xp, "float64", None)
     return wide if wide is not None and xp.asarray(0.0, dtype=wide).dtype == wide else None
+
+
+def host_norm(x: Any) -> float:
+    """‖x‖₂ of a host array, scale-safe: of x divided by a power of two near max|x| (exact), so
+    no square overflows or underflows."""
+    xp = host_namespace()
+    if x.shape[0] == 0:
+        return 0.0
+    largest = float(xp.max(xp.abs(x)))
+    if not math.isfinite(largest):
+        return largest
+    if largest == 0:
+        return 0.0
+    scale = 2.0 ** math.floor(math.log2(largest))
+    return scale * float(xp.linalg.vector_norm(x / scale))
 
 
 def host_random(seed: int) -> Any:

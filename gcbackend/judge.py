@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .backends import float64_of, host_add_at, host_max_at, host_namespace, to_backend
+from .backends import float64_of, host_add_at, host_max_at, host_namespace, host_norm, to_backend
 from .differences import SAFETY, Estimate, judged
 from .plan import Plan
 from .report import ElementError, ParameterResult, Report
@@ -45,19 +45,8 @@ this many ulps of max|J|, over ε, is rounding noise on both sides: its own diff
 nothing, and it is not at fault on its own."""
 
 
-def norm(x: Any) -> float:
-    """‖x‖₂ of a host array, scale-safe: of x divided by a power of two near max|x| (exact), so
-    no square overflows or underflows."""
-    xp = host_namespace()
-    if x.shape[0] == 0:
-        return 0.0
-    largest = float(xp.max(xp.abs(x)))
-    if not math.isfinite(largest):
-        return largest
-    if largest == 0:
-        return 0.0
-    scale = 2.0 ** math.floor(math.log2(largest))
-    return scale * float(xp.linalg.vector_norm(x / scale))
+norm = host_norm
+"""‖x‖₂ of a host array, scale-safe (``backends.host_norm``)."""
 
 
 def _label(coverage: Any, name: str, shape: tuple[int, ...], flat: Any) -> tuple[int, ...]:

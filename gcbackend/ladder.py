@@ -20,6 +20,7 @@ Steps, in order (each only for the probes that need it):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -511,8 +512,7 @@ class Ladder:
         moved = (costs[0, :] - costs[1, :]) / (2 * steps)
         change = moved - self.reference[probes]
         change = xp.where(xp.isfinite(change), change, 0.0)
-        previous = self.sensitivity[probes] ** 2 * (request.base - 1)
-        self.sensitivity[probes] = xp.sqrt((previous + change * change) / request.base)
+        self.sensitivity[probes] = _rms(self.sensitivity[probes], change, request.base)
         self._changed()
         if request.base == 1:
             self.pending = request._replace(base=2)
@@ -546,3 +546,15 @@ def _excess(plan: Any, verdict: Any) -> Any:
         return (abs(plan.target - verdict.numeric) - verdict.tolerance) / numpy.maximum(
             verdict.tolerance, 1e-300
         )
+
+
+def _rms(previous: Any, change: Any, count: int) -> Any:
+    """The root mean square of ``count`` changes, from that of the first count − 1 and the last:
+    squares where they are finite, a scaled hypot where they overflow (a J of 1e155 moves by as
+    much, and an infinite sensitivity left a correct gradient inconclusive)."""
+    import numpy
+
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        squares = numpy.sqrt((previous**2 * (count - 1) + change * change) / count)
+    scaled = numpy.hypot(previous * math.sqrt(count - 1), change) / math.sqrt(count)
+    return numpy.where(numpy.isfinite(squares), squares, scaled)

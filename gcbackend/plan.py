@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from . import differences
-from .backends import float64_of, host_namespace, host_random, to_host
+from .backends import float64_of, host_namespace, host_norm, host_random, to_host
 from .evaluation.directions import HELD_BYTES, Directions
 from .inputs import Prepared
 
@@ -158,7 +158,7 @@ def plan(
             target.append(units[name].products(grads[name]))
             # |uᵀe| ≤ ‖u‖·‖e‖ = ‖e‖ for the backprop's rounding e: uᵀg's rounding scales with ‖g‖,
             # not with |uᵀg| (which cancels).
-            magnitude.append(hx.full((directions,), float(hx.linalg.vector_norm(grads[name]))))
+            magnitude.append(hx.full((directions,), host_norm(hx.reshape(grads[name], (-1,)))))
             step.append(hx.full((directions,), float(hx.max(steps[name]))))
             index.append(hx.arange(directions))
     else:
