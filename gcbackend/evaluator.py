@@ -49,7 +49,7 @@ class Evaluator:
             budget = prepared.budget
             chunk = max(
                 evaluation.ROW_FOOTPRINT
-                * _chunk_bytes(math.prod(p.shape), self.xp.finfo(p.dtype).bits // 8, budget, self.xp)
+                * _chunk_bytes(math.prod(p.shape), self.xp.finfo(p.dtype).bits // 8, budget, self.xp, mode)
                 for p in prepared.parts.values()
             )
             threads = min(asked, max(1, budget // chunk))
@@ -247,10 +247,14 @@ def _unit_steps(parts, xp):
     return {name: xp.ones(tuple(p.shape), dtype=p.dtype) for name, p in parts.items()}
 
 
-def _chunk_bytes(size: int, itemsize: int, budget: int, xp: Any) -> int:
+def _chunk_bytes(size: int, itemsize: int, budget: int, xp: Any, mode: str) -> int:
     """Bytes of perturbed copies in the largest chunk of a size-``size`` tensor's rows (stacked,
-    or vmapped on PyTorch and JAX), before ROW_FOOTPRINT."""
+    or vmapped on PyTorch and JAX), before ROW_FOOTPRINT. The loop holds one row at a time (and
+    needs no budget: mode='loop' is not refused below one copy)."""
+    row = size * itemsize
+    if mode == "loop" or budget < row:
+        return row
     rows = evaluation.chunk_rows(2**62, size, itemsize, budget, "")
     if array_api_compat.is_torch_namespace(xp) or array_api_compat.is_jax_namespace(xp):
         rows = max(rows, evaluation.chunks.vmap_rows(size, itemsize, budget))
-    return rows * size * itemsize
+    return rows * row

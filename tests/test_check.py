@@ -353,3 +353,18 @@ def test_notebook_settings_reproduce_the_notebooks_own_loop(buggy):
         report = check(mlp.cost, params, grads, X, Y, mode=mode, **gc.NOTEBOOK)
         assert report.difference == pytest.approx(reference, rel=4e-16 if buggy else 1e-9)
         assert report.verdict == ("fail" if buggy else "pass")
+
+
+def test_the_loop_with_workers_needs_no_budget(backend):
+    # mode='loop' is not refused below one perturbed copy (it perturbs one row in place), and
+    # with workers= it was: choosing the threads and handing out chunks asked the budget for a
+    # batch ("… too small for one perturbed copy of parameter ''").
+    X, Y, params = mlp.random_case([4, 5, 3, 1], 3, seed=2, xp=backend.xp, device=backend.device)
+    grads = mlp.backward(params, X, Y)
+    alone = gc.check(mlp.cost, params, grads, X, Y, mode="loop")
+    both = gc.check(mlp.cost, params, grads, X, Y, mode="loop", workers=2, memory_budget=8)
+    assert both.verdict == alone.verdict == "pass" and both.difference == alone.difference
+    assert both.notes == (
+        *alone.notes,
+        "workers=2: 1 thread(s), as memory_budget=8 holds one of the largest parameter's chunks at once",
+    )

@@ -109,8 +109,15 @@ def _rest_bounds(
     if path.name == "vmap":
         step = vmap_rows(size, itemsize, memory_budget)
         return [(first, min(first + step, group.n_rows)) for first in range(start, group.n_rows, step)]
-    rest = chunk_bounds(group.n_rows - start, size, itemsize, memory_budget, group.name, group.most)
+    budget = _loop_budget(group, memory_budget, xp) if path.name == "loop" else memory_budget
+    rest = chunk_bounds(group.n_rows - start, size, itemsize, budget, group.name, group.most)
     return [(start + a, start + b) for a, b in rest]
+
+
+def _loop_budget(group: RowGroup, memory_budget: int, xp: ModuleType) -> int:
+    """The loop perturbs one row in place: it needs no budget, so none below one copy refuses it
+    (mode='loop' is not refused by ``prepare`` either); its chunks are only how rows are handed out."""
+    return max(memory_budget, group.flat.shape[0] * _itemsize(group, xp))
 
 
 def _joined(costs: list[Any], xp: ModuleType) -> Any:
@@ -160,7 +167,12 @@ def _group_costs(
     groups = {tensor: row_group(stencil, tensor, xp=xp) for tensor in tensors}
     bounds = {
         tensor: chunk_bounds(
-            group.n_rows, group.flat.shape[0], _itemsize(group, xp), memory_budget, group.name, group.most
+            group.n_rows,
+            group.flat.shape[0],
+            _itemsize(group, xp),
+            _loop_budget(group, memory_budget, xp) if mode == "loop" else memory_budget,
+            group.name,
+            group.most,
         )
         for tensor, group in groups.items()
     }
