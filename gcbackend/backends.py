@@ -26,6 +26,7 @@ __all__ = [
     "host_min_at",
     "host_namespace",
     "host_norm",
+    "host_quiet",
     "is_array",
     "is_meta",
     "resolve",
@@ -308,6 +309,14 @@ def host_norm(x: Any) -> float:
         return 0.0
     scale = 2.0 ** math.floor(math.log2(largest))
     return scale * float(xp.linalg.vector_norm(x / scale))
+
+
+def host_quiet() -> Any:
+    """A context in which host (NumPy) arithmetic on inf and NaN does not warn: the judge's
+    and the staircase's arrays are host arrays, and their non-finite values are handled."""
+    import numpy as np
+
+    return np.errstate(all="ignore")
 
 
 def host_random(seed: int) -> Any:

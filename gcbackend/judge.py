@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .backends import float64_of, host_add_at, host_max_at, host_namespace, host_norm, to_backend
+from .backends import float64_of, host_add_at, host_max_at, host_namespace, to_backend
+from .backends import host_norm as norm  # ‖x‖₂ of a host array, scale-safe
 from .differences import SAFETY, Estimate, judged
 from .plan import Plan
 from .report import ElementError, ParameterResult, Report
@@ -43,10 +44,6 @@ NOTEBOOK_ULPS = 64.0
 """Under the notebook's fixed ε, a parameter whose gradient and finite difference are both below
 this many ulps of max|J|, over ε, is rounding noise on both sides: its own difference (≈ 1) says
 nothing, and it is not at fault on its own."""
-
-
-norm = host_norm
-"""‖x‖₂ of a host array, scale-safe (``backends.host_norm``)."""
 
 
 def _label(coverage: Any, name: str, shape: tuple[int, ...], flat: Any) -> tuple[int, ...]:

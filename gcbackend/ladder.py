@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import choice
-from .backends import host_max_at, host_min_at, host_namespace, host_random
+from .backends import host_max_at, host_min_at, host_namespace, host_quiet, host_random
 from .differences import (
     IMPROVE,
     KINK_SIGNIFICANCE,
@@ -539,11 +539,10 @@ def _none() -> Any:
 
 def _excess(plan: Any, verdict: Any) -> Any:
     """How far each value is off, in tolerances: the order in which values are evaluated again.
-    NaN where the numeric value is NaN (sorted last), computed without NumPy's warning."""
-    import numpy
-
-    with numpy.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        return (abs(plan.target - verdict.numeric) - verdict.tolerance) / numpy.maximum(
+    NaN where the numeric value is NaN (sorted last)."""
+    xp = host_namespace()
+    with host_quiet():
+        return (xp.abs(plan.target - verdict.numeric) - verdict.tolerance) / xp.maximum(
             verdict.tolerance, 1e-300
         )
 
@@ -552,9 +551,8 @@ def _rms(previous: Any, change: Any, count: int) -> Any:
     """The root mean square of ``count`` changes, from that of the first count − 1 and the last:
     squares where they are finite, a scaled hypot where they overflow (a J of 1e155 moves by as
     much, and an infinite sensitivity left a correct gradient inconclusive)."""
-    import numpy
-
-    with numpy.errstate(over="ignore", invalid="ignore"):
-        squares = numpy.sqrt((previous**2 * (count - 1) + change * change) / count)
-    scaled = numpy.hypot(previous * math.sqrt(count - 1), change) / math.sqrt(count)
-    return numpy.where(numpy.isfinite(squares), squares, scaled)
+    xp = host_namespace()
+    with host_quiet():
+        squares = xp.sqrt((previous**2 * (count - 1) + change * change) / count)
+    scaled = xp.hypot(previous * math.sqrt(count - 1), change) / math.sqrt(count)
+    return xp.where(xp.isfinite(squares), squares, scaled)
